@@ -1,0 +1,307 @@
+"""The engine's per-iteration overhead against a hand-written minimal PyTorch loop, measured side by side.
+
+Both loops train the same tiny MLP (its forward returns its MSE loss) with SGD + momentum on the same in-memory
+``TensorDataset``, both iterating a ``DataLoader`` (``num_workers=0``, shuffled). Rounds are interleaved
+(baseline, engine, engine, baseline, ...), each on a fresh model and optimizer built identically; the first
+``--warmup-rounds`` rounds of each are discarded. A round's time is the wall time of the whole call (DataLoader
+and engine set-up included) divided by its optimizer steps. One JSON line per measurement goes to stdout::
+
+    python benchmarks/engine_overhead.py            # full run (about a minute here)
+    python benchmarks/engine_overhead.py --quick    # smoke run (a few seconds), same output format
+
+Variants (``--variants``):
+  plain     train_model(..., display_iter=50), no snapshot_prefix, the library's logger at WARNING
+  log       as plain, with the INFO progress line formatted and written to os.devnull every display_iter
+  snapshot  as plain, with snapshot_prefix in a temporary folder: metrics and order records are written at each
+            display, and one snapshot at the end (its cost is reported apart, and a ratio without it)
+  iter4     iter_size=4 with micro-batches of batch_size/4, against a hand loop accumulating 4 micro-batches
+            with loss / 4
+
+``ratio`` is the engine's median per-step time over the baseline's; ``ratio_min`` the same with the fastest round of
+each. The issue's target is ratio <= 1.02.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    import pixelz_dist
+except ImportError:  # run from a fresh checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import pixelz_dist
+
+from pixelz_dist.engine import Engine
+
+TARGET = 1.02
+VARIANTS = ("plain", "log", "snapshot", "iter4")
+LOGGER = logging.getLogger("pixelz_dist")
+
+
+class TinyMLP(nn.Module):
+    """Three Linear layers; forward returns the MSE loss, as train_model expects."""
+
+    def __init__(self, d_in: int, width: int, d_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                 nn.Linear(width, d_out))
+
+    def forward(self, x, y):
+        return F.mse_loss(self.net(x), y)
+
+
+def build(args):
+    """A fresh model and optimizer, identical in every round."""
+    torch.manual_seed(args.seed)
+    model = TinyMLP(args.d_in, args.width, args.d_out)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    return model, opt
+
+
+def make_dataset(args) -> TensorDataset:
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.samples, args.d_in, generator=g)
+    w = torch.randn(args.d_in, args.d_out, generator=g) / args.d_in ** 0.5
+    y = x @ w + 0.1 * torch.randn(args.samples, args.d_out, generator=g)
+    return TensorDataset(x, y)
+
+
+# -- the two loops ---------------------------------------------------------------------------------------------------
+def baseline_loop(model, opt, ds, batch_size: int, steps: int) -> None:
+    """The minimal hand-written loop."""
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0)
+    step = 0
+    while True:
+        for x, y in loader:
+            loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == steps:
+                return
+
+
+def baseline_accum_loop(model, opt, ds, batch_size: int, steps: int, iter_size: int) -> None:
+    """The minimal hand-written loop with gradient accumulation over ``iter_size`` micro-batches."""
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0)
+    step = k = 0
+    while True:
+        for x, y in loader:
+            loss = model(x, y)
+            (loss / iter_size).backward()
+            k += 1
+            if k == iter_size:
+                k = 0
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if step == steps:
+                    return
+
+
+def engine_loop(model, opt, ds, batch_size: int, steps: int, iter_size: int, display_iter: int,
+                snapshot_prefix: str | None) -> None:
+    pixelz_dist.train_model(model, opt, None, ds, batch_size=batch_size, shuffle=True, num_iters=steps,
+                            iter_size=iter_size, num_workers=0, display_iter=display_iter,
+                            snapshot_prefix=snapshot_prefix)
+
+
+# -- logging set-up per variant ------------------------------------------------------------------------------------
+def configure_logging(with_line: bool) -> None:
+    """Off: the library's logger at WARNING with a NullHandler (so ``ensure_handler`` adds no console handler).
+    On: INFO lines formatted as the default console handler does, but written to os.devnull."""
+    for h in list(LOGGER.handlers):
+        LOGGER.removeHandler(h)
+        if isinstance(h, logging.StreamHandler) and h.stream not in (sys.stderr, sys.stdout):
+            h.stream.close()
+    LOGGER.propagate = False
+    if with_line:
+        handler = logging.StreamHandler(open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+        LOGGER.addHandler(handler)
+        LOGGER.setLevel(logging.INFO)
+    else:
+        LOGGER.addHandler(logging.NullHandler())
+        LOGGER.setLevel(logging.WARNING)
+
+
+class SnapshotTimer:
+    """Times ``Engine.write_snapshot`` (called once per run here) so the loop can be reported without it."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._orig = Engine.write_snapshot
+
+    def __enter__(self):
+        timer, orig = self, self._orig
+
+        def timed(engine):
+            t0 = time.perf_counter()
+            try:
+                return orig(engine)
+            finally:
+                timer.seconds += time.perf_counter() - t0
+
+        Engine.write_snapshot = timed
+        return self
+
+    def __exit__(self, *exc):
+        Engine.write_snapshot = self._orig
+
+
+# -- measurement ---------------------------------------------------------------------------------------------------
+def run_variant(variant: str, args, ds) -> dict:
+    iter_size = 4 if variant == "iter4" else 1
+    batch_size = args.batch_size // iter_size
+    configure_logging(with_line=variant == "log")
+    base_us, eng_us, eng_us_no_snap, snap_ms = [], [], [], []
+    total_rounds = args.warmup_rounds + args.rounds
+    for r in range(total_rounds):
+        order = ("baseline", "engine") if r % 2 == 0 else ("engine", "baseline")
+        for which in order:
+            model, opt = build(args)
+            tmp = tempfile.mkdtemp(prefix="pixelz_bench_") if variant == "snapshot" and which == "engine" else None
+            gc.collect()
+            timer = SnapshotTimer()
+            with timer:
+                t0 = time.perf_counter()
+                if which == "baseline":
+                    if iter_size == 1:
+                        baseline_loop(model, opt, ds, batch_size, args.steps)
+                    else:
+                        baseline_accum_loop(model, opt, ds, batch_size, args.steps, iter_size)
+                else:
+                    engine_loop(model, opt, ds, batch_size, args.steps, iter_size, args.display_iter,
+                                os.path.join(tmp, "snapshot") if tmp else None)
+                dt = time.perf_counter() - t0
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if r < args.warmup_rounds:
+                continue
+            per_step = dt / args.steps * 1e6
+            if which == "baseline":
+                base_us.append(per_step)
+            else:
+                eng_us.append(per_step)
+                eng_us_no_snap.append((dt - timer.seconds) / args.steps * 1e6)
+                if variant == "snapshot":
+                    snap_ms.append(timer.seconds * 1e3)
+    b_med, e_med = statistics.median(base_us), statistics.median(eng_us)
+    row = {
+        "benchmark": "engine_overhead",
+        "variant": variant,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu",
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "pixelz_dist": pixelz_dist.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "model": f"MLP {args.d_in}-{args.width}-{args.width}-{args.d_out}",
+        "samples": len(ds),
+        "batch_size": batch_size,
+        "iter_size": iter_size,
+        "samples_per_step": batch_size * iter_size,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds,
+        "display_iter": args.display_iter,
+        "log_line": variant == "log",
+        "snapshot_prefix": variant == "snapshot",
+        "baseline_median_step_us": round(b_med, 1),
+        "engine_median_step_us": round(e_med, 1),
+        "overhead_us_per_step": round(e_med - b_med, 1),
+        "ratio": round(e_med / b_med, 4),
+        "ratio_min": round(min(eng_us) / min(base_us), 4),
+        "target": TARGET,
+        "within_target": e_med / b_med <= TARGET,
+        "baseline_rounds_us": [round(v, 1) for v in base_us],
+        "engine_rounds_us": [round(v, 1) for v in eng_us],
+    }
+    if variant == "snapshot":
+        e_med_ns = statistics.median(eng_us_no_snap)
+        row.update({
+            "final_snapshot_ms": round(statistics.median(snap_ms), 2),
+            "engine_median_step_us_without_final_snapshot": round(e_med_ns, 1),
+            "ratio_without_final_snapshot": round(e_med_ns / b_med, 4),
+        })
+    row["loadavg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return row
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 60 steps, same output format")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: one core)")
+    p.add_argument("--rounds", type=int, default=None, help="measured rounds of each loop (default 7; quick 2)")
+    p.add_argument("--warmup-rounds", type=int, default=1, help="rounds of each loop discarded first (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per round (default 400 = 2 epochs; "
+                                                             "quick 60)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per optimizer step (default 64)")
+    p.add_argument("--samples", type=int, default=64 * 200, help="dataset size (default 12800)")
+    p.add_argument("--width", type=int, default=416, help="hidden width (default 416: ~1 ms per step here)")
+    p.add_argument("--d-in", type=int, default=32)
+    p.add_argument("--d-out", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--display-iter", type=int, default=50, help="engine's display_iter (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 7
+    if args.steps is None:
+        args.steps = 60 if args.quick else 400
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if "iter4" in args.variants and args.batch_size % 4:
+        p.error("--batch-size must be a multiple of 4 for the iter4 variant")
+    if min(args.rounds, args.steps, args.threads) < 1 or args.warmup_rounds < 0:
+        p.error("--rounds, --steps and --threads must be >= 1, --warmup-rounds >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):  # one process, whatever launched us
+        os.environ.pop(name, None)
+    ds = make_dataset(args)
+    for variant in args.variants:
+        print(json.dumps(run_variant(variant, args, ds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The library's logger, the per-window meters behind the progress line, and the files a run appends to."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+logger = logging.getLogger("pixelz_dist")
+
+
+def ensure_handler() -> None:
+    """Show INFO progress lines when the application configured no logging at all (a script, a notebook)."""
+    if logger.handlers or logging.getLogger().handlers:
+        if logger.level == logging.NOTSET and logging.getLogger().level > logging.INFO:
+            logger.setLevel(logging.INFO)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+class RankFilter(logging.Filter):
+    """Keep rank 0's records only, unless every rank was asked to log (then prefix each with its rank)."""
+
+    def __init__(self, rank: int, all_ranks: bool = False):
+        super().__init__()
+        self.rank = rank
+        self.all_ranks = all_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.rank == 0 and not self.all_ranks:
+            return True
+        if not self.all_ranks:
+            return False
+        record.msg = f"[rank {self.rank}] {record.msg}"
+        return True
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def format_lrs(lrs: list[float]) -> str:
+    shown = ",".join(f"{lr:.3g}" for lr in lrs[:4])
+    return shown + (f",...({len(lrs)} groups)" if len(lrs) > 4 else "")
+
+
+class AppendFile:
+    """A text file a run appends lines to; opened per flush, so nothing is held open across a kill."""
+
+    def __init__(self, path: str, header: str | None = None):
+        self.path = path
+        self.header = header
+        self.pending: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.pending.append(line)
+
+    def add_json(self, row: dict) -> None:
+        self.pending.append(json.dumps(row, separators=(",", ":")))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new and self.header:
+                f.write(self.header + "\n")
+            f.write("\n".join(self.pending) + "\n")
+        self.pending.clear()
+
+
+class WindowMeter:
+    """Collects one display window: losses stay on the device until the window closes (one host sync per window)."""
+
+    def __init__(self):
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.losses: list = []
+        self.data_wait = 0.0
+        self.samples = 0
+        self.iterations = 0
+        self.started = now
+
+    def mean_loss(self) -> float:
+        import torch
+
+        if not self.losses:
+            return float("nan")
+        return torch.stack(self.losses).float().mean().item()
+
+
+_warned_no_gpu = False
+
+
+def gpu_memory_fields(device) -> dict:
+    """Allocated / reserved / peak memory of ``device`` in MiB; empty (and one warning) when it is not a GPU."""
+    global _warned_no_gpu
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        if not _warned_no_gpu:
+            logger.warning("display_gpu=True but the model is on %s: no GPU memory to show", device)
+            _warned_no_gpu = True
+        return {}
+    mib = 1024 * 1024
+    return {"gpu_allocated_mib": torch.cuda.memory_allocated(device) / mib,
+            "gpu_reserved_mib": torch.cuda.memory_reserved(device) / mib,
+            "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / mib}

@@ -1,0 +1,95 @@
+"""``train_model``: the public verb. Checks its arguments, then hands the run to :class:`~pixelz_dist.engine.Engine`."""
+
+from __future__ import annotations
+
+import inspect
+
+from .engine import Engine
+from .errors import ConfigError, DataError
+from .settings import apply_legacy_names, check_settings
+
+
+def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False, snapshot_prefix=None, num_iters=None,
+                num_epochs=None, iter_size=1, display_iter=20, snapshot_interval=None, load_snapshot_path=None,
+                restore_dataloader=True, display_gpu=False, schedule_on_iter=False, *, seed=0, num_workers=None,
+                keep_last=None, callbacks=(), strict_load=True, drop_last=False, seed_data=None, log_prefix=None,
+                collate_fn=None, **legacy_kwargs):
+    """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
+
+    An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
+    semantics); ``num_iters``, ``display_iter``, ``snapshot_interval`` (when training by iterations) and the number in
+    snapshot names count iterations. Each micro-batch loss is divided by the number of micro-batches in its window:
+    ``iter_size``, or fewer for the short last window of an epoch (10 batches with ``iter_size=4`` make windows of
+    4, 4 and 2; the last two losses are halved, not quartered). Windows never span two epochs.
+
+    Loop (see :mod:`pixelz_dist.engine` for the full pseudocode)::
+
+        for each window: for each micro-batch: (loss(model(*batch)) / window).backward()
+                         optimizer.step(); optimizer.zero_grad(); scheduler / callbacks / log / snapshot
+
+    Args:
+        model: an ``nn.Module`` whose forward takes a batch (``model(*batch)`` for a tuple or list, ``model(**batch)``
+            for a dict, ``model(batch)`` otherwise) and returns the loss: a scalar tensor, or a dict / object with a
+            ``loss`` entry. A tensor with several elements is reduced by its mean. Batches are moved to the model's
+            device.
+        optimizer: any ``torch.optim.Optimizer`` (see :func:`make_param_groups` for per-parameter learning rates).
+        scheduler: an LR scheduler or None; stepped once per epoch, or per iteration with ``schedule_on_iter``.
+            ``ReduceLROnPlateau`` is stepped with the mean training loss of that epoch / iteration.
+        dataset: a map-style dataset (``__len__`` and ``__getitem__``).
+        batch_size: samples per micro-batch.
+        shuffle: a new permutation each epoch, a pure function of (seed, epoch).
+        snapshot_prefix: snapshots are written to ``{snapshot_prefix}_iter_{N}.pt``; metrics to
+            ``{snapshot_prefix}_metrics.jsonl`` and the per-iteration sample-order record to
+            ``{snapshot_prefix}_order.tsv``. A final snapshot is always written when set.
+        num_iters / num_epochs: exactly one, the length of training.
+        iter_size: micro-batches per optimizer step (gradient accumulation).
+        display_iter: iterations between log lines.
+        snapshot_interval: in epochs (a float, 0.5 = twice per epoch) when training by epochs, in iterations when
+            training by ``num_iters``.
+        load_snapshot_path: a snapshot file, or ``"auto"`` for the newest valid snapshot of ``snapshot_prefix``
+            (none: start fresh; unreadable ones are skipped with a warning).
+        restore_dataloader: resume at the exact sample the snapshot was taken at; False starts the next epoch from
+            its beginning (the seed tool's behaviour).
+        display_gpu: add allocated / reserved / peak GPU memory to the log line.
+        schedule_on_iter: step the scheduler every iteration instead of every epoch.
+        seed: seeds the data order and the per-batch augmentation RNGs.
+        num_workers: DataLoader workers; None = ``min(max(cpus // gpus_per_node, 1), 6)`` with the CPUs this process
+            may use.
+        keep_last: keep only the K newest snapshots.
+        callbacks: :class:`~pixelz_dist.hooks.Callback` objects (events, stop / snapshot requests, saved state).
+        strict_load: refuse a snapshot whose model keys differ from the model's (shape mismatches are always refused).
+        drop_last: drop a short last batch of each epoch.
+        seed_data: seed the global RNGs per batch before the dataset runs (None: yes, unless the dataset is a plain
+            ``TensorDataset``, which draws no random numbers).
+        log_prefix: where metrics and order records go when it should not be ``snapshot_prefix``.
+        collate_fn: passed to the DataLoader.
+
+    Returns:
+        The trained model.
+
+    Raises:
+        ConfigError: invalid arguments (all listed at once). DataError: an empty dataset.
+        SnapshotError: a snapshot that cannot be loaded or does not fit.
+
+    Example:
+        >>> model = train_model(model, optimizer, scheduler, dataset, batch_size=6, num_epochs=5, iter_size=2,
+        ...                     snapshot_interval=0.5, snapshot_prefix="runs/exp6/snapshot",
+        ...                     load_snapshot_path="auto")  # doctest: +SKIP
+    """
+    given = dict(snapshot_prefix=snapshot_prefix, snapshot_interval=snapshot_interval)
+    accepted = list(inspect.signature(train_model).parameters)[:-1]
+    given = apply_legacy_names("train_model", given, legacy_kwargs, accepted)
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ConfigError(f"dataset must be a map-style dataset (with __len__ and __getitem__), got "
+                          f"{type(dataset).__name__}. HINT: iterable datasets and DataLoaders are not supported yet.")
+    if len(dataset) == 0:
+        raise DataError(f"the dataset ({type(dataset).__name__}) is empty: nothing to train on. HINT: check the "
+                        "folders or the filter that built it.")
+    settings = check_settings(dict(
+        batch_size=batch_size, shuffle=shuffle, snapshot_prefix=given["snapshot_prefix"], num_iters=num_iters,
+        num_epochs=num_epochs, iter_size=iter_size, display_iter=display_iter,
+        snapshot_interval=given["snapshot_interval"], load_snapshot_path=load_snapshot_path,
+        restore_dataloader=restore_dataloader, display_gpu=display_gpu, schedule_on_iter=schedule_on_iter, seed=seed,
+        num_workers=num_workers, keep_last=keep_last, strict_load=strict_load, drop_last=drop_last,
+        seed_data=seed_data, log_prefix=log_prefix, collate_fn=collate_fn), len(dataset))
+    return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()

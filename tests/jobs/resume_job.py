@@ -1,0 +1,48 @@
+"""A training job the resume tests start as a real process (and may SIGKILL).
+
+Usage: python resume_job.py CONFIG_JSON. The config names the data folder, the snapshot prefix, the optimizer, the
+number of iterations or epochs, and optionally ``kill_at``: the iteration after which the process SIGKILLs itself
+(from a callback, i.e. in the middle of training, after a snapshot and before the next one).
+"""
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+from pixelz_dist import Callback, train_model
+from pixelz_dist.demo import DemoDataset, TinySegNet
+
+
+class KillAt(Callback):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def on_iteration_end(self, state):
+        if state.iteration == self.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    torch.set_num_threads(1)
+    torch.manual_seed(1234)
+    model = TinySegNet(width=6, dropout=0.3)
+    if cfg["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+    callbacks = [KillAt(cfg["kill_at"])] if cfg.get("kill_at") else []
+    train_model(model, optimizer, scheduler, DemoDataset(cfg["data"]), cfg.get("batch_size", 4), shuffle=True,
+                snapshot_prefix=cfg["prefix"], num_iters=cfg.get("num_iters"), num_epochs=cfg.get("num_epochs"),
+                iter_size=cfg["iter_size"], display_iter=2, snapshot_interval=cfg.get("interval"),
+                load_snapshot_path=cfg.get("resume"), schedule_on_iter=cfg.get("schedule_on_iter", False),
+                seed=cfg.get("seed", 7), num_workers=cfg["workers"], callbacks=callbacks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The resume contract: N iterations straight == k iterations, SIGKILL, resume from "auto", on to N (bitwise).
+
+Real processes train the demo network (dropout, BatchNorm) on real image files with random augmentation, shuffled,
+and one of them is killed with SIGKILL between two snapshots.
+"""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from conftest import run_job
+from pixelz_dist.snapshot import list_snapshots, load_snapshot
+from pixelz_dist.verify import compare_order_records
+
+
+def final_snapshot(prefix):
+    (iteration, path), *_ = list_snapshots(prefix)
+    return iteration, load_snapshot(path)
+
+
+def assert_same_training_state(a: dict, b: dict):
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"model tensor {k} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for pid in sa:
+        for name, value in sa[pid].items():
+            other = sb[pid][name]
+            if torch.is_tensor(value):
+                assert torch.equal(value, other), f"optimizer state {pid}.{name} differs"
+            else:
+                assert value == other
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["scheduler"] == b["scheduler"]
+    assert a["progress"] == b["progress"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+# 40 samples, batch 4: 10 batches per epoch. iter_size 3 -> windows 3,3,3,1 (4 iterations per epoch).
+CASES = [
+    # workers, iter_size, optimizer, num_iters, snapshot interval, kill after iteration
+    pytest.param(0, 1, "sgd", 14, 6, 9, id="workers0-iter1-sgd"),
+    pytest.param(2, 3, "adamw", 11, 5, 7, id="workers2-iter3-adamw"),
+    pytest.param(0, 3, "adamw", 11, 5, 7, id="workers0-iter3-adamw"),
+    pytest.param(2, 1, "sgd", 14, 6, 9, id="workers2-iter1-sgd"),
+]
+
+
+@pytest.mark.parametrize("workers,iter_size,optimizer,num_iters,interval,kill_at", CASES)
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, demo_root, workers, iter_size, optimizer, num_iters,
+                                                  interval, kill_at):
+    base = dict(data=demo_root, optimizer=optimizer, iter_size=iter_size, workers=workers, num_iters=num_iters,
+                interval=interval, schedule_on_iter=optimizer == "sgd")
+    straight = run_job("resume_job.py", json.dumps({**base, "prefix": str(tmp_path / "straight" / "snap")}))
+    assert straight.returncode == 0, straight.stderr
+
+    prefix = str(tmp_path / "resumed" / "snap")
+    killed = run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "kill_at": kill_at}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    snapshot_iter = kill_at - kill_at % interval
+    assert [it for it, _ in list_snapshots(prefix)] == [snapshot_iter]
+    mid_epoch = load_snapshot(list_snapshots(prefix)[0][1])["progress"]["samples_in_epoch"]
+    assert 0 < mid_epoch < 40, "the snapshot must fall in the middle of an epoch"
+
+    resumed = run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "resume": "auto"}))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {list_snapshots(prefix)[-1][1]}" in resumed.stderr or "resumed from" in resumed.stderr
+
+    it_a, snap_a = final_snapshot(str(tmp_path / "straight" / "snap"))
+    it_b, snap_b = final_snapshot(prefix)
+    assert it_a == it_b == num_iters
+    assert_same_training_state(snap_a, snap_b)
+    comparison = compare_order_records(str(tmp_path / "straight" / "snap"), prefix)
+    assert comparison.identical, comparison.summary()
+    assert comparison.common == num_iters
+
+
+def test_resume_by_epochs_with_fractional_interval(tmp_path, demo_root):
+    """num_epochs with snapshot_interval=0.5 (snapshots mid-epoch), killed in epoch 2, resumed: same result."""
+    base = dict(data=demo_root, optimizer="adamw", iter_size=2, workers=0, num_epochs=3, interval=0.5)
+    straight = run_job("resume_job.py", json.dumps({**base, "prefix": str(tmp_path / "a" / "snap")}))
+    assert straight.returncode == 0, straight.stderr
+    prefix = str(tmp_path / "b" / "snap")
+    # 10 batches / iter_size 2 = 5 iterations per epoch; half an epoch is crossed at iterations 3, 5, 8, 10, 13, 15
+    killed = run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "kill_at": 9}))
+    assert killed.returncode == -signal.SIGKILL
+    assert [it for it, _ in list_snapshots(prefix)] == [8, 5, 3]
+    resumed = run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "resume": "auto"}))
+    assert resumed.returncode == 0, resumed.stderr
+    _, snap_a = final_snapshot(str(tmp_path / "a" / "snap"))
+    _, snap_b = final_snapshot(prefix)
+    assert snap_a["progress"] == {"iteration": 15, "epoch": 3, "samples_in_epoch": 0}
+    assert_same_training_state(snap_a, snap_b)
+
+
+def test_killed_run_differs_without_exact_data_restore(tmp_path, demo_root):
+    """The contract test can fail: resuming with restore_dataloader semantics broken (a new seed) is detected."""
+    base = dict(data=demo_root, optimizer="sgd", iter_size=1, workers=0, num_iters=8, interval=4)
+    run_job("resume_job.py", json.dumps({**base, "prefix": str(tmp_path / "a" / "snap")}))
+    prefix = str(tmp_path / "b" / "snap")
+    run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "kill_at": 5}))
+    # Tamper with the saved data position: the resumed run now starts at the beginning of the epoch.
+    _, path = list_snapshots(prefix)[0]
+    snap = torch.load(path, weights_only=True)
+    snap["progress"]["samples_in_epoch"] = 0
+    torch.save(snap, path)
+    run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "resume": "auto"}))
+    _, snap_a = final_snapshot(str(tmp_path / "a" / "snap"))
+    _, snap_b = final_snapshot(prefix)
+    with pytest.raises(AssertionError):
+        assert_same_training_state(snap_a, snap_b)
+    assert not compare_order_records(str(tmp_path / "a" / "snap"), prefix).identical
