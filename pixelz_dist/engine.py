@@ -98,6 +98,7 @@ class Engine:
         self._epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._epoch_loss_count = 0
         self.meter = WindowMeter()
+        self._gpu_warned = False
 
     # -- counters -----------------------------------------------------------------------------------------------
     def epoch_fraction(self) -> float:
@@ -220,15 +221,19 @@ class Engine:
         p = self.progress
         p.epoch += 1
         p.samples_in_epoch = 0
-        if self.scheduler is not None and not self.s.schedule_on_iter:
-            if self.plateau:
-                self.scheduler.step((self._epoch_loss_sum / max(self._epoch_loss_count, 1)).item())
-                self._epoch_loss_sum.zero_()
-                self._epoch_loss_count = 0
-            else:
-                self.scheduler.step()
+        self.step_epoch_scheduler()
         for hook in self.callbacks.on_epoch_end:
             hook(self.state)
+
+    def step_epoch_scheduler(self) -> None:
+        if self.scheduler is None or self.s.schedule_on_iter:
+            return
+        if not self.plateau:
+            self.scheduler.step()
+        elif self._epoch_loss_count:
+            self.scheduler.step((self._epoch_loss_sum / self._epoch_loss_count).item())
+            self._epoch_loss_sum.zero_()
+            self._epoch_loss_count = 0
 
     def after_iteration(self) -> None:
         if self.progress.iteration % self.s.display_iter == 0:
@@ -307,17 +312,19 @@ class Engine:
         if self.scheduler is not None and snap["scheduler"] is not None:
             self.scheduler.load_state_dict(snap["scheduler"])
         elif self.scheduler is not None or snap["scheduler"] is not None:
-            logger.warning("snapshot %s %s a scheduler state but this run %s one; the schedule restarts", path,
-                           "has" if snap["scheduler"] is not None else "has no",
-                           "has" if self.scheduler is not None else "has no")
+            logger.warning("snapshot %s %s but this run %s: the schedule %s", path,
+                           "holds a scheduler state" if snap["scheduler"] is not None else "holds no scheduler state",
+                           "has no scheduler" if self.scheduler is None else "has one",
+                           "is dropped" if self.scheduler is None else "starts from its beginning")
         self.progress.load_state_dict(snap["progress"])
-        self._resume_data_position(path, snap["data"])
-        absent = self.callbacks.load_state_dict(snap.get("callbacks", {}))
-        if absent:
-            logger.warning("snapshot %s holds no state for callback(s) %s; they start fresh", path, absent)
         if "epoch_loss" in snap:
             self._epoch_loss_sum = snap["epoch_loss"]["sum"].to(self.device)
             self._epoch_loss_count = int(snap["epoch_loss"]["count"])
+        if self._resume_data_position(path, snap["data"]):
+            self.step_epoch_scheduler()  # the rest of the snapshot's epoch is skipped: that epoch has ended
+        absent = self.callbacks.load_state_dict(snap.get("callbacks", {}))
+        if absent:
+            logger.warning("snapshot %s holds no state for callback(s) %s; they start fresh", path, absent)
         restore_rng_state(snap["rng"])  # last: nothing above may draw from the restored streams
         self.last_snapshot_path, self.last_snapshot_iteration = path, self.progress.iteration
         if self.order is not None:
@@ -326,7 +333,8 @@ class Engine:
         logger.info("resumed from %s: iteration %d, epoch %d, sample %d of %d", path, p.iteration, p.epoch,
                     p.samples_in_epoch, self.num_samples)
 
-    def _resume_data_position(self, path: str, data: dict) -> None:
+    def _resume_data_position(self, path: str, data: dict) -> bool:
+        """Apply the saved position; True when the rest of the snapshot's epoch is skipped."""
         p, s = self.progress, self.s
         if data["seed"] != self.sampler.seed:
             logger.warning("snapshot %s was trained with seed %d, this call passes %d: the snapshot's seed is kept so "
@@ -343,13 +351,16 @@ class Engine:
         if data.get("num_samples") != self.num_samples:
             logger.warning("the dataset had %s samples when %s was written and has %d now", data.get("num_samples"),
                            path, self.num_samples)
-            if p.samples_in_epoch > self.num_samples:
+            if p.samples_in_epoch >= self.num_samples:
                 p.epoch, p.samples_in_epoch = p.epoch + 1, 0
+                return True
         if not s.restore_dataloader and p.samples_in_epoch > 0:
             logger.info("restore_dataloader=False: skipping the rest of epoch %d (%d of %d samples were done); "
                         "training goes on at the start of epoch %d", p.epoch, p.samples_in_epoch, self.num_samples,
                         p.epoch + 1)
             p.epoch, p.samples_in_epoch = p.epoch + 1, 0
+            return True
+        return False
 
     # -- reporting --------------------------------------------------------------------------------------------------
     def display(self) -> None:
@@ -369,7 +380,8 @@ class Engine:
                 f"{row['samples_per_s']:.1f} samples/s | data {row['data_wait']:.0%} | "
                 f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}")
         if self.s.display_gpu:
-            mem = gpu_memory_fields(self.device)
+            mem = gpu_memory_fields(self.device, warn=not self._gpu_warned)
+            self._gpu_warned = True
             row.update(mem)
             if mem:
                 line += (f" | gpu {mem['gpu_allocated_mib']:.0f}/{mem['gpu_reserved_mib']:.0f} MiB "

@@ -25,23 +25,6 @@ def ensure_handler() -> None:
         logger.setLevel(logging.INFO)
 
 
-class RankFilter(logging.Filter):
-    """Keep rank 0's records only, unless every rank was asked to log (then prefix each with its rank)."""
-
-    def __init__(self, rank: int, all_ranks: bool = False):
-        super().__init__()
-        self.rank = rank
-        self.all_ranks = all_ranks
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.rank == 0 and not self.all_ranks:
-            return True
-        if not self.all_ranks:
-            return False
-        record.msg = f"[rank {self.rank}] {record.msg}"
-        return True
-
-
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -103,18 +86,13 @@ class WindowMeter:
         return torch.stack(self.losses).float().mean().item()
 
 
-_warned_no_gpu = False
-
-
-def gpu_memory_fields(device) -> dict:
-    """Allocated / reserved / peak memory of ``device`` in MiB; empty (and one warning) when it is not a GPU."""
-    global _warned_no_gpu
+def gpu_memory_fields(device, warn: bool = True) -> dict:
+    """Allocated / reserved / peak memory of ``device`` in MiB; empty (and a warning) when it is not a GPU."""
     import torch
 
     if getattr(device, "type", str(device)) != "cuda":
-        if not _warned_no_gpu:
+        if warn:
             logger.warning("display_gpu=True but the model is on %s: no GPU memory to show", device)
-            _warned_no_gpu = True
         return {}
     mib = 1024 * 1024
     return {"gpu_allocated_mib": torch.cuda.memory_allocated(device) / mib,

@@ -66,7 +66,7 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_settings(values: dict, dataset_len: int | None) -> RunSettings:
+def check_settings(values: dict) -> RunSettings:
     """Validate every argument, collecting all problems into one :class:`ConfigError`."""
     v = values
     problems = []

@@ -91,5 +91,5 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         snapshot_interval=given["snapshot_interval"], load_snapshot_path=load_snapshot_path,
         restore_dataloader=restore_dataloader, display_gpu=display_gpu, schedule_on_iter=schedule_on_iter, seed=seed,
         num_workers=num_workers, keep_last=keep_last, strict_load=strict_load, drop_last=drop_last,
-        seed_data=seed_data, log_prefix=log_prefix, collate_fn=collate_fn), len(dataset))
+        seed_data=seed_data, log_prefix=log_prefix, collate_fn=collate_fn))
     return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()

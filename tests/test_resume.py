@@ -113,3 +113,43 @@ def test_killed_run_differs_without_exact_data_restore(tmp_path, demo_root):
     with pytest.raises(AssertionError):
         assert_same_training_state(snap_a, snap_b)
     assert not compare_order_records(str(tmp_path / "a" / "snap"), prefix).identical
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Counts the samples actually loaded, to show that skipping ahead loads nothing."""
+
+    def __init__(self, n=100):
+        self.n = n
+        self.loaded = []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.loaded.append(i)
+        return torch.full((2,), float(i)), torch.ones(1)
+
+
+class TwoToOne(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 1)
+
+    def forward(self, x, y):
+        return torch.nn.functional.mse_loss(self.fc(x), y)
+
+
+def test_resuming_late_in_an_epoch_loads_only_the_remaining_samples(tmp_path):
+    from pixelz_dist import train_model
+
+    prefix = str(tmp_path / "s")
+    model = TwoToOne()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train_model(model, opt, None, CountingDataset(), 10, shuffle=True, snapshot_prefix=prefix, num_iters=9,
+                num_workers=0)
+    resumed, model = CountingDataset(), TwoToOne()
+    train_model(model, torch.optim.SGD(model.parameters(), lr=0.01), None, resumed, 10, shuffle=True,
+                snapshot_prefix=prefix, num_iters=10, num_workers=0, load_snapshot_path="auto")
+    assert len(resumed.loaded) == 10  # the last tenth of the epoch, not 90 skipped + 10
+    order = load_snapshot(list_snapshots(prefix)[0][1])
+    assert order["progress"] == {"iteration": 10, "epoch": 1, "samples_in_epoch": 0}

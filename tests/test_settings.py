@@ -59,8 +59,9 @@ def snapshot_iters(prefix) -> list[int]:
 def test_old_prefix_spelling_warns_and_writes_snapshots(tmp_path):
     model, opt, data = setup()
     prefix = tmp_path / "old" / "snap"
-    with pytest.warns(DeprecationWarning, match="snaphot_prefix"):
+    with pytest.warns(DeprecationWarning, match="snaphot_prefix") as record:
         train_model(model, opt, None, data, 2, num_iters=3, num_workers=0, snaphot_prefix=str(prefix))
+    assert record[0].filename == __file__  # attributed to the caller's line, not to the library
     assert snapshot_iters(prefix) == [3]
     assert os.path.isfile(f"{prefix}_metrics.jsonl") and os.path.isfile(f"{prefix}_order.tsv")
 
