@@ -1,14 +1,28 @@
-"""The one place that reads torchrun's environment and decides how many CPUs and workers this process gets."""
+"""The one module that owns torchrun: its environment, the process group, the device, DDP / SyncBN, the worker cap.
+
+Nothing else calls ``init_process_group``. Commands, for reference::
+
+    python train.py                                            # one process
+    torchrun --nproc_per_node=4 train.py                       # one node, one process per GPU
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 --rdzv_id=JOB train.py
+"""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import psutil
 import torch
+import torch.distributed as tdist
+from torch import nn
+
+from .log import logger
 
 MAX_WORKERS_PER_GPU = 6  # the seed's cap: more workers than this rarely feed one GPU faster
+DEFAULT_TIMEOUT_S = 600.0  # torch's 30-minute default lets a hung peer hold a whole job's GPUs for half an hour
 
 
 @dataclass(frozen=True)
@@ -63,9 +77,160 @@ def cpus_available(environ=None) -> int:
 def default_num_workers(local_processes: int | None = None, environ=None) -> int:
     """The seed's policy: ``min(max(cpus // gpus_per_node, 1), 6)``.
 
-    ``gpus_per_node`` is the number of local GPUs, at least one slot on a CPU-only machine; when several local
-    processes share the node (``local_processes``), the CPUs are shared among them instead.
+    ``gpus_per_node`` is the number of local GPUs, at least one slot on a CPU-only machine. Under torchrun the CPUs
+    are shared by the processes of this node (``local_processes``, LOCAL_WORLD_SIZE), which is the GPU count on a
+    GPU node and the number of gloo processes on a CPU-only one.
     """
     if local_processes is None:
         local_processes = max(torch.cuda.device_count(), 1)
     return min(max(cpus_available(environ) // max(local_processes, 1), 1), MAX_WORKERS_PER_GPU)
+
+
+def choose_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def choose_device(env: DistEnv) -> torch.device | None:
+    """The device of this process under torchrun: ``cuda:LOCAL_RANK`` on a GPU node, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def timeout_seconds(timeout_s: float | None = None) -> float:
+    if timeout_s is not None:
+        return float(timeout_s)
+    return float(os.environ.get("PIXELZ_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+
+
+def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Join the job's process group.
+
+    Under torchrun the agent keeps one TCP store alive across elastic restarts. A restarted group that rendezvouses
+    through ``env://`` can read the previous attempt's keys and fail (``Gloo connectFullMesh failed``) or hang
+    (pytorch/pytorch#135712, #167288), so the group is built over a key space of its own per restart attempt.
+    """
+    backend = backend or choose_backend()
+    timeout = timedelta(seconds=timeout_seconds(timeout_s))
+    if backend == "nccl":
+        torch.cuda.set_device(choose_device(env))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
+        client = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = tdist.PrefixStore(f"pixelz_dist/attempt_{attempt}", client)
+        tdist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    else:
+        tdist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                 timeout=timeout)
+    logger.info("process group: %s, %d processes, timeout %.0f s", backend, env.world_size,
+                timeout.total_seconds())
+
+
+def convert_sync_batchnorm(model: nn.Module) -> dict[str, type]:
+    """Turn BatchNorm layers into SyncBatchNorm in place; returns {module name: original class} to undo it."""
+    originals = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and not isinstance(m, nn.SyncBatchNorm)}
+    if not originals:
+        return {}
+    if "" in originals:
+        raise TypeError("the model itself is a BatchNorm layer; wrap it in a module whose forward returns the loss")
+    for name in originals:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(parent, child)))
+    return originals
+
+
+def revert_sync_batchnorm(model: nn.Module, originals: dict[str, type]) -> None:
+    """Put the user's BatchNorm classes back, keeping the trained parameters (same objects) and statistics."""
+    for name, cls in originals.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        sync = getattr(parent, child)
+        bn = cls(sync.num_features, eps=sync.eps, momentum=sync.momentum, affine=sync.affine,
+                 track_running_stats=sync.track_running_stats, device="meta")
+        if sync.affine:
+            bn.weight, bn.bias = sync.weight, sync.bias
+        bn.running_mean, bn.running_var = sync.running_mean, sync.running_var
+        bn.num_batches_tracked = sync.num_batches_tracked
+        bn.train(sync.training)
+        if hasattr(sync, "qconfig"):
+            bn.qconfig = sync.qconfig
+        setattr(parent, child, bn)
+
+
+def all_reduce_tensor(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) when a process group exists; a no-op otherwise."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(t, op=op or tdist.ReduceOp.SUM)
+    return t
+
+
+def gather_to_main(obj, env: DistEnv):
+    """Every rank's ``obj``, as a list on rank 0 (None elsewhere); a plain one-element list without a group."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return [obj]
+    out = [None] * env.world_size if env.is_main else None
+    tdist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+@contextmanager
+def process_group(backend: str | None = None, timeout_s: float | None = None):
+    """Make sure the job's process group exists for the duration of the block; yield this process's ``DistEnv``.
+
+    Without torchrun's variables (or with WORLD_SIZE=1) there is nothing to set up. A group that already exists (made
+    by the user, or by an enclosing ``process_group`` block such as ``find_lr``'s) is used as it is and left alone;
+    a group this block created is destroyed when it exits, also on error.
+    """
+    env = read_env()
+    if not env.is_distributed or torch.distributed.is_initialized():
+        yield env
+        return
+    init_process_group(env, backend=backend, timeout_s=timeout_s)
+    try:
+        yield env
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Decisions that depend on the hardware, made in one place so tests can check them with any GPU count."""
+
+    device: torch.device
+    backend: str | None
+    sync_bn: bool
+    pin_memory: bool
+    local_processes: int | None
+
+
+def plan_devices(env: DistEnv, model_device: torch.device, sync_bn: bool, has_batchnorm: bool,
+                 cuda_available: bool | None = None, backend: str | None = None) -> DevicePlan:
+    """Where this process trains and how.
+
+    Single process: the model stays where the user put it. Under torchrun: ``cuda:LOCAL_RANK`` (nccl) when CUDA is
+    available, else the CPU (gloo). SyncBatchNorm only on GPUs: torch refuses it on CPU tensors, so on a CPU job each
+    process normalises with its own batch statistics (a warning says so).
+    """
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if not env.is_distributed:
+        return DevicePlan(model_device, None, False, model_device.type == "cuda", None)
+    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    chosen = backend or ("nccl" if cuda else "gloo")
+    convert = bool(sync_bn and has_batchnorm and device.type == "cuda")
+    if sync_bn and has_batchnorm and not convert:
+        logger.warning("sync_bn: SyncBatchNorm needs GPU tensors, so on this CPU job each of the %d processes "
+                       "normalises with its own batch statistics", env.world_size)
+    return DevicePlan(device, chosen, convert, device.type == "cuda", env.local_world_size)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

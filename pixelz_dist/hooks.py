@@ -44,7 +44,9 @@ class TrainState:
                                 doc="global samples consumed in the current epoch")
     epoch_fraction = property(lambda self: self._engine.epoch_fraction(), doc="e.g. 2.5 = half way through epoch 3")
     total_iterations = property(lambda self: self._engine.total_iters)
-    model = property(lambda self: self._engine.model)
+    model = property(lambda self: self._engine.model, doc="the user's module (unwrapped)")
+    wrapped_model = property(lambda self: self._engine.forward_model,
+                             doc="what the loop calls: the DistributedDataParallel wrapper under torchrun")
     optimizer = property(lambda self: self._engine.optimizer)
     scheduler = property(lambda self: self._engine.scheduler)
     loss = property(lambda self: self._engine.last_loss,
@@ -52,6 +54,10 @@ class TrainState:
     lrs = property(lambda self: [g["lr"] for g in self._engine.optimizer.param_groups])
     snapshot_prefix = property(lambda self: self._engine.snapshot_prefix)
     last_snapshot_path = property(lambda self: self._engine.last_snapshot_path)
+
+    def global_loss(self) -> float:
+        """Mean loss of the last iteration over all ranks (a collective: every rank must call it), as a float."""
+        return self._engine.global_last_loss()
 
     def request_stop(self, reason: str = "requested by a callback") -> None:
         """Stop after the current iteration; a final snapshot is written when snapshots are on."""

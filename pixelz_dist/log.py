@@ -25,6 +25,21 @@ def ensure_handler() -> None:
         logger.setLevel(logging.INFO)
 
 
+class RankFilter(logging.Filter):
+    """Rank 0's records only, unless every rank was asked to log (then each record names its rank)."""
+
+    def __init__(self, rank: int, all_ranks: bool = False):
+        super().__init__()
+        self.rank = rank
+        self.all_ranks = all_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.all_ranks:
+            record.msg = f"[rank {self.rank}] {record.msg}"
+            return True
+        return self.rank == 0
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -78,12 +93,6 @@ class WindowMeter:
         self.iterations = 0
         self.started = now
 
-    def mean_loss(self) -> float:
-        import torch
-
-        if not self.losses:
-            return float("nan")
-        return torch.stack(self.losses).float().mean().item()
 
 
 def gpu_memory_fields(device, warn: bool = True) -> dict:

@@ -98,15 +98,29 @@ class ResumableBatchSampler:
         """Global samples consumed in the epoch once ``batches`` batches from the start position are done."""
         return min(self.start + batches * self.global_batch, self.num_samples)
 
+    def shard(self, chunk: np.ndarray) -> tuple[int, np.ndarray]:
+        """This rank's part of one global batch, and its offset in it.
+
+        A full global batch gives each rank ``batch_size`` consecutive samples. A short last one is split as evenly
+        as possible; a rank left without a sample repeats the batch's first one (as DistributedSampler pads), since
+        every rank must step together. Only a tail smaller than the world size does that.
+        """
+        if len(chunk) == self.global_batch or self.world_size == 1:
+            lo = self.rank * self.batch_size
+            return lo, chunk[lo:lo + self.batch_size]
+        sizes = [len(chunk) // self.world_size + (r < len(chunk) % self.world_size) for r in range(self.world_size)]
+        lo = sum(sizes[: self.rank])
+        part = chunk[lo:lo + sizes[self.rank]]
+        return lo, (part if len(part) else chunk[:1])
+
     def __iter__(self):
         order = self.order(self.epoch)
-        lo = self.rank * self.batch_size
-        hi = lo + self.batch_size
         seed, epoch = self.seed, self.epoch
         for b in range(len(self)):
             p = self.start + b * self.global_batch
-            shard = order[p:p + self.global_batch][lo:hi]
-            yield BatchKey(mix_seed(seed, epoch, p), shard.tolist())
+            offset, part = self.shard(order[p:p + self.global_batch])
+            # seeded by the global position of this rank's first sample: ranks draw different augmentations
+            yield BatchKey(mix_seed(seed, epoch, p + offset), part.tolist())
 
     def order_digest(self, begin: int, end: int) -> str:
         """A short hash of the global sample indices at positions ``[begin, end)`` of the current epoch."""

@@ -37,6 +37,10 @@ class RunSettings:
     seed_data: bool | None
     log_prefix: str | None
     collate_fn: Any
+    sync_bn: bool = True
+    backend: str | None = None
+    dist_timeout: float | None = None
+    ddp_kwargs: dict | None = None
 
 
 def apply_legacy_names(func_name: str, given: dict, legacy: dict, accepted: list[str]) -> dict:
@@ -102,6 +106,11 @@ def check_settings(values: dict) -> RunSettings:
                         "set snapshot_prefix")
     if v["num_workers"] is not None and (not _is_int(v["num_workers"]) or v["num_workers"] < 0):
         problems.append(f"num_workers must be an integer >= 0 or None (automatic), got {v['num_workers']!r}")
+    if v.get("backend") not in (None, "nccl", "gloo", "mpi", "ucc"):
+        problems.append(f"backend must be None (automatic), 'nccl' or 'gloo', got {v['backend']!r}")
+    if v.get("dist_timeout") is not None and not (isinstance(v["dist_timeout"], numbers.Real)
+                                                  and v["dist_timeout"] > 0):
+        problems.append(f"dist_timeout must be a positive number of seconds, got {v['dist_timeout']!r}")
     if not _is_int(v["seed"]):
         problems.append(f"seed must be an integer, got {v['seed']!r}")
     if problems:

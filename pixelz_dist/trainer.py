@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from .dist import process_group
 from .engine import Engine
 from .errors import ConfigError, DataError
 from .settings import apply_legacy_names, check_settings
@@ -13,7 +14,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 num_epochs=None, iter_size=1, display_iter=20, snapshot_interval=None, load_snapshot_path=None,
                 restore_dataloader=True, display_gpu=False, schedule_on_iter=False, *, seed=0, num_workers=None,
                 keep_last=None, callbacks=(), strict_load=True, drop_last=False, seed_data=None, log_prefix=None,
-                collate_fn=None, **legacy_kwargs):
+                collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, **legacy_kwargs):
     """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
 
     An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
@@ -63,6 +64,11 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
             ``TensorDataset``, which draws no random numbers).
         log_prefix: where metrics and order records go when it should not be ``snapshot_prefix``.
         collate_fn: passed to the DataLoader.
+        sync_bn: under torchrun with GPUs, convert BatchNorm layers to SyncBatchNorm (converted back at the end).
+        backend: process-group backend under torchrun (default: nccl with CUDA, else gloo).
+        dist_timeout: seconds before a collective waiting on a hung peer fails (default 600, or
+            ``PIXELZ_DIST_TIMEOUT``).
+        ddp_kwargs: extra arguments for ``DistributedDataParallel`` (e.g. ``find_unused_parameters=True``).
 
     Returns:
         The trained model.
@@ -91,5 +97,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         snapshot_interval=given["snapshot_interval"], load_snapshot_path=load_snapshot_path,
         restore_dataloader=restore_dataloader, display_gpu=display_gpu, schedule_on_iter=schedule_on_iter, seed=seed,
         num_workers=num_workers, keep_last=keep_last, strict_load=strict_load, drop_last=drop_last,
-        seed_data=seed_data, log_prefix=log_prefix, collate_fn=collate_fn))
-    return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()
+        seed_data=seed_data, log_prefix=log_prefix, collate_fn=collate_fn, sync_bn=sync_bn, backend=backend,
+        dist_timeout=dist_timeout, ddp_kwargs=ddp_kwargs))
+    with process_group(backend=backend, timeout_s=dist_timeout):
+        return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()

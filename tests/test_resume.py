@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import run_job
+from pixelz_dist.order_record import compare_order_records
 from pixelz_dist.snapshot import list_snapshots, load_snapshot
-from pixelz_dist.verify import compare_order_records
 
 
 def final_snapshot(prefix):

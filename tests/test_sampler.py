@@ -83,3 +83,18 @@ def test_order_digest_identifies_positions():
 def test_set_epoch_rejects_positions_outside_the_epoch():
     with pytest.raises(ValueError, match="outside the epoch"):
         ResumableBatchSampler(10, 2).set_epoch(0, start=11)
+
+
+def test_a_short_last_global_batch_is_split_evenly_and_padded_only_when_smaller_than_the_world():
+    def tail(n, world):
+        out = []
+        for r in range(world):
+            s = ResumableBatchSampler(n, 4, rank=r, world_size=world)
+            out.append(list(s)[-1].indices)
+        return out
+
+    assert tail(11, 2) == [[8, 9], [10]]          # 3 left: 2 + 1
+    assert tail(9, 2) == [[8], [8]]               # 1 left, 2 ranks: rank 1 repeats it
+    assert tail(14, 3) == [[12], [13], [12]]
+    seeds = [list(ResumableBatchSampler(16, 4, rank=r, world_size=2))[0].rng_seed for r in range(2)]
+    assert seeds[0] != seeds[1]  # ranks draw different augmentations

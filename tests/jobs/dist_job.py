@@ -1,0 +1,126 @@
+"""A training job for the distributed tests, started by torchrun (or plain python) with a JSON config.
+
+Config keys: prefix, num_iters | num_epochs, iter_size, batch_size, workers, model ("mlp" | "demo"), data (a demo
+folder, for "demo"), interval, resume, out (folder for per-rank records), kill_rank / kill_at (SIGKILL that rank
+after that iteration on the first attempt only), raise_rank / raise_at (the dataset raises there), slow (seconds to
+sleep per iteration), ready_at (write out/ready after that iteration), count_allreduce (record gradient all-reduces),
+pid_file (write out/pid<RANK> at the start).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pixelz_dist import Callback, train_model
+from pixelz_dist.demo import DemoDataset, TinySegNet
+
+
+class IndexedData(Dataset):
+    """Deterministic regression data that also returns the sample index, so each rank can record what it saw."""
+
+    def __init__(self, n, raise_at=None):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+        self.raise_at = raise_at
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if self.raise_at is not None and i == self.raise_at:
+            raise RuntimeError(f"bad sample {i} on rank {os.environ.get('RANK')}")
+        return self.x[i], self.y[i], torch.tensor(i)
+
+
+class MLP(nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(dropout), nn.Linear(32, 1))
+        self.seen = []
+
+    def forward(self, x, y, idx):
+        self.seen.extend(idx.tolist())
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+class Probe(Callback):
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.allreduces = []
+        self.calls = 0
+
+    def on_train_start(self, state):
+        if self.cfg.get("pid_file"):
+            with open(os.path.join(self.cfg["out"], f"pid{self.rank}"), "w") as f:
+                f.write(str(os.getpid()))
+        if self.cfg.get("count_allreduce") and state.wrapped_model is not state.model:
+            def counting_hook(_, bucket):
+                self.calls += 1
+                work = torch.distributed.all_reduce(bucket.buffer() / torch.distributed.get_world_size(),
+                                                    async_op=True)
+                return work.get_future().then(lambda fut: fut.value()[0])
+
+            state.wrapped_model.register_comm_hook(None, counting_hook)
+
+    def on_iteration_end(self, state):
+        self.allreduces.append(self.calls)
+        self.calls = 0
+        if self.cfg.get("slow"):
+            time.sleep(self.cfg["slow"])
+        if self.cfg.get("ready_at") == state.iteration and self.rank == 0:
+            open(os.path.join(self.cfg["out"], "ready"), "w").close()
+        if (self.cfg.get("kill_rank") == self.rank and self.cfg.get("kill_at") == state.iteration
+                and self.attempt == 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    torch.set_num_threads(1)
+    torch.manual_seed(1234)
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.get("model", "mlp") == "mlp":
+        model = MLP(cfg.get("dropout", 0.0))
+        raise_at = cfg.get("raise_at") if cfg.get("raise_rank") == rank else None
+        dataset = IndexedData(cfg.get("n", 48), raise_at)
+    else:
+        model = TinySegNet(width=6, dropout=0.3)
+        dataset = DemoDataset(cfg["data"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.8)
+    probe = Probe(cfg)
+    try:
+        trained = run(cfg, model, optimizer, scheduler, dataset, probe)
+    except SystemExit as e:  # Preempted: note the exit code each rank leaves with, then leave with it
+        if cfg.get("out"):
+            with open(os.path.join(cfg["out"], f"exit{rank}"), "w") as f:
+                f.write(str(e.code))
+        raise
+    if cfg.get("out"):
+        with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as f:
+            json.dump({"seen": getattr(trained, "seen", []), "allreduces": probe.allreduces,
+                       "class": type(trained).__name__,
+                       "norm_classes": sorted({type(m).__name__ for m in trained.modules()
+                                               if "Norm" in type(m).__name__}),
+                       "attempt": probe.attempt}, f)
+
+
+def run(cfg, model, optimizer, scheduler, dataset, probe):
+    return train_model(model, optimizer, scheduler, dataset, cfg.get("batch_size", 2), shuffle=True,
+                       snapshot_prefix=cfg.get("prefix"), num_iters=cfg.get("num_iters"),
+                       num_epochs=cfg.get("num_epochs"), iter_size=cfg.get("iter_size", 1), display_iter=2,
+                       snapshot_interval=cfg.get("interval"), load_snapshot_path=cfg.get("resume"), seed=5,
+                       num_workers=cfg.get("workers", 0), callbacks=[probe], dist_timeout=60)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Distributed training through real torchrun processes (gloo, 2 CPU processes).
+
+Few and strong: each test starts real jobs, kills or signals real processes, and compares real tensors.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import DIST_VARS, TESTS
+from pixelz_dist.order_record import compare_order_records, read_order_record
+from pixelz_dist.preemption import PREEMPTION_EXIT_CODE
+from pixelz_dist.snapshot import list_snapshots, load_snapshot
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch, beside python
+JOB = os.path.join(TESTS, "jobs", "dist_job.py")
+
+
+def job_env():
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(cfg, nproc=2, extra=(), timeout=180, background=False):
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *extra, JOB, json.dumps(cfg)]
+    if background:
+        return subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def python_job(cfg, timeout=120):
+    return subprocess.run([sys.executable, JOB, json.dumps(cfg)], env=job_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def final(prefix):
+    return load_snapshot(list_snapshots(prefix)[0][1])
+
+
+def assert_bitwise_equal(a, b):
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][name]), (pid, name)
+    assert a["progress"] == b["progress"] and a["scheduler"] == b["scheduler"]
+    for ra, rb in zip(a["rng_per_rank"], b["rng_per_rank"]):
+        assert torch.equal(ra["torch"], rb["torch"])
+
+
+def records(out, nproc):
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(nproc)]
+
+
+# -- correctness of one step -------------------------------------------------------------------------------------
+def test_two_processes_equal_one_process_with_the_same_global_batch_and_sync_once_per_step(tmp_path):
+    """iter_size=4 under DDP: one gradient all-reduce per optimizer step (no_sync around forward and backward)."""
+    cfg = dict(num_iters=6, iter_size=4, interval=3, count_allreduce=True)
+    two = tmp_path / "two"
+    two.mkdir()
+    proc = torchrun({**cfg, "prefix": str(two / "s"), "out": str(two), "batch_size": 2})
+    assert proc.returncode == 0, proc.stderr
+    one = tmp_path / "one"
+    one.mkdir()
+    single = python_job({**cfg, "prefix": str(one / "s"), "out": str(one), "batch_size": 4})
+    assert single.returncode == 0, single.stderr
+
+    a, b = final(str(two / "s")), final(str(one / "s"))
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+    ranks = records(two, 2)
+    assert ranks[0]["allreduces"] == ranks[1]["allreduces"] == [1] * 6  # would be [4] * 6 without no_sync
+    assert sorted(ranks[0]["seen"][:24] + ranks[1]["seen"][:24]) == list(range(48))  # epoch 0: shards tile it
+    assert compare_order_records(str(two / "s"), str(one / "s")).identical  # same global samples per iteration
+    assert [r["class"] for r in ranks] == ["MLP", "MLP"]
+    # rank 0 alone logs and writes the records
+    assert proc.stderr.count("snapshot written") == 2
+    assert sorted(p.name for p in two.iterdir() if p.suffix in (".pt", ".tsv", ".jsonl")) == [
+        "s_iter_3.pt", "s_iter_6.pt", "s_metrics.jsonl", "s_order.tsv"]
+
+
+# -- resume: same world size, elastic restart ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_demo_run(tmp_path_factory, demo_root):
+    """The uninterrupted reference: 2 processes, demo images, dropout + BatchNorm, 2 workers each."""
+    out = tmp_path_factory.mktemp("straight")
+    cfg = dict(model="demo", data=demo_root, num_iters=12, iter_size=2, batch_size=2, interval=4, workers=1)
+    proc = torchrun({**cfg, "prefix": str(out / "s")})
+    assert proc.returncode == 0, proc.stderr
+    return cfg, str(out / "s")
+
+
+def test_sigkill_of_one_worker_then_resume_is_bitwise_identical(tmp_path, straight_demo_run):
+    cfg, reference = straight_demo_run
+    prefix = str(tmp_path / "s")
+    killed = torchrun({**cfg, "prefix": prefix, "kill_rank": 1, "kill_at": 6})
+    assert killed.returncode != 0
+    assert [it for it, _ in list_snapshots(prefix)] == [4]
+    assert 0 < load_snapshot(list_snapshots(prefix)[0][1])["progress"]["samples_in_epoch"] < 40
+    resumed = torchrun({**cfg, "prefix": prefix, "resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(final(reference), final(prefix))
+    assert compare_order_records(reference, prefix).identical
+
+
+def test_elastic_restart_continues_from_the_newest_snapshot(tmp_path, straight_demo_run):
+    """torchrun --max-restarts=1: a worker SIGKILLed mid-epoch; the restarted group resumes and ends identical."""
+    cfg, reference = straight_demo_run
+    prefix = str(tmp_path / "s")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun({**cfg, "prefix": prefix, "resume": "auto", "kill_rank": 1, "kill_at": 6, "out": str(out)},
+                    extra=["--max-restarts=1"])
+    assert proc.returncode == 0, proc.stderr
+    assert [r["attempt"] for r in records(out, 2)] == [1, 1]  # the second attempt finished the job
+    assert "resumed from" in proc.stderr
+    assert_bitwise_equal(final(reference), final(prefix))
+
+
+# -- resume with another world size -------------------------------------------------------------------------------
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_world_size_change_continues_the_epoch_without_repeating_or_skipping(tmp_path, first, second):
+    """48 samples, global batch 8: stop after 3 iterations (24 samples), resume with another world size."""
+    prefix = str(tmp_path / "s")
+    runs = []
+    for n, (nproc, iters, resume) in enumerate([(first, 3, None), (second, 6, "auto")]):
+        out = tmp_path / f"run{n}"
+        out.mkdir()
+        cfg = {"prefix": prefix, "num_iters": iters, "batch_size": 8 // nproc, "out": str(out), "resume": resume}
+        proc = torchrun(cfg, nproc=nproc) if nproc > 1 else python_job(cfg)
+        assert proc.returncode == 0, proc.stderr
+        runs.append([i for r in records(out, nproc) for i in r["seen"]])
+    assert len(runs[0]) == 24 and len(runs[1]) == 24
+    assert sorted(runs[0] + runs[1]) == list(range(48))  # the epoch, each sample exactly once
+    assert sorted(read_order_record(prefix)) == list(range(1, 7))
+
+
+# -- preemption -----------------------------------------------------------------------------------------------------
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path):
+    cfg = dict(num_iters=30, iter_size=2, batch_size=2, dropout=0.2)
+    ref = torchrun({**cfg, "prefix": str(tmp_path / "ref" / "s")})
+    assert ref.returncode == 0, ref.stderr
+    prefix = str(tmp_path / "s")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun({**cfg, "prefix": prefix, "out": str(out), "slow": 0.2, "ready_at": 3}, background=True)
+    wait_for(out / "ready", proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun's agent forwards it to both workers
+    output, _ = proc.communicate(timeout=120)
+    assert "preemption: SIGTERM received" in output
+    assert [open(out / f"exit{r}").read() for r in range(2)] == [str(PREEMPTION_EXIT_CODE)] * 2
+    (stopped_at, _), = list_snapshots(prefix)
+    assert 3 <= stopped_at < 30
+    resumed = torchrun({**cfg, "prefix": prefix, "resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(final(str(tmp_path / "ref" / "s")), final(prefix))  # dropout included
+
+
+def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path):
+    """The flag is combined across ranks: rank 1 alone gets the signal, both ranks stop and exit with 75."""
+    prefix = str(tmp_path / "s")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun({"prefix": prefix, "num_iters": 200, "out": str(out), "slow": 0.05, "ready_at": 2,
+                     "pid_file": True}, background=True)
+    wait_for(out / "ready", proc)
+    pid = int(open(out / "pid1").read())
+    os.kill(pid, signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert [open(out / f"exit{r}").read() for r in range(2)] == [str(PREEMPTION_EXIT_CODE)] * 2, output
+    assert "preemption: SIGUSR1 received" not in output  # rank 0 logs, and rank 0 learnt it from rank 1
+    assert "preemption: a signal received on another rank" in output
+    (stopped_at, path), = list_snapshots(prefix)
+    assert stopped_at < 200
+    assert len(load_snapshot(path)["rng_per_rank"]) == 2
+
+
+# -- failure ----------------------------------------------------------------------------------------------------------
+def test_a_rank_that_raises_fails_the_job_fast_with_its_traceback(tmp_path):
+    start = time.time()
+    proc = torchrun({"num_iters": 20, "raise_rank": 1, "raise_at": 7})
+    assert proc.returncode != 0
+    assert time.time() - start < 60  # not the collective timeout
+    assert "bad sample 7 on rank 1" in proc.stderr
