@@ -103,12 +103,16 @@ def timeout_seconds(timeout_s: float | None = None) -> float:
     return float(os.environ.get("PIXELZ_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
+_groups_created = [0]  # per process; every rank creates its groups in the same order, so the counts agree
+
+
 def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: float | None = None) -> None:
     """Join the job's process group.
 
     Under torchrun the agent keeps one TCP store alive across elastic restarts. A restarted group that rendezvouses
     through ``env://`` can read the previous attempt's keys and fail (``Gloo connectFullMesh failed``) or hang
-    (pytorch/pytorch#135712, #167288), so the group is built over a key space of its own per restart attempt.
+    (pytorch/pytorch#135712, #167288), so the group is built over a key space of its own per restart attempt and
+    per group.
     """
     backend = backend or choose_backend()
     timeout = timedelta(seconds=timeout_seconds(timeout_s))
@@ -118,7 +122,10 @@ def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: floa
         client = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                 timeout=timeout)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = tdist.PrefixStore(f"pixelz_dist/attempt_{attempt}", client)
+        # One key space per group, too: a second group in the same attempt (find_lr's runs, a user's own group
+        # before ours) would otherwise meet the first one's keys and fail the same way.
+        _groups_created[0] += 1
+        store = tdist.PrefixStore(f"pixelz_dist/attempt_{attempt}/group_{_groups_created[0]}", client)
         tdist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     else:
         tdist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,

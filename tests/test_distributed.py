@@ -66,7 +66,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch_and_sync_onc
     cfg = dict(num_iters=6, iter_size=4, interval=3, count_allreduce=True)
     two = tmp_path / "two"
     two.mkdir()
-    proc = torchrun({**cfg, "prefix": str(two / "s"), "out": str(two), "batch_size": 2})
+    proc = torchrun({**cfg, "prefix": str(two / "s"), "out": str(two), "batch_size": 2, "user_group": True})
     assert proc.returncode == 0, proc.stderr
     one = tmp_path / "one"
     one.mkdir()
@@ -81,10 +81,18 @@ def test_two_processes_equal_one_process_with_the_same_global_batch_and_sync_onc
     assert sorted(ranks[0]["seen"][:24] + ranks[1]["seen"][:24]) == list(range(48))  # epoch 0: shards tile it
     assert compare_order_records(str(two / "s"), str(one / "s")).identical  # same global samples per iteration
     assert [r["class"] for r in ranks] == ["MLP", "MLP"]
+    assert [r["group_alive_after"] for r in ranks] == [True, True]  # the user's own group is left alone
     # rank 0 alone logs and writes the records
     assert proc.stderr.count("snapshot written") == 2
     assert sorted(p.name for p in two.iterdir() if p.suffix in (".pt", ".tsv", ".jsonl")) == [
         "s_iter_3.pt", "s_iter_6.pt", "s_metrics.jsonl", "s_order.tsv"]
+
+
+def test_train_model_called_three_times_in_one_torchrun_job(tmp_path):
+    """Each call makes and ends its own process group; a reused key space would make the second one fail."""
+    proc = torchrun({"prefix": str(tmp_path / "s"), "num_iters": 3, "repeat": 3})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("training MLP on cpu, 2 processes") == 3
 
 
 # -- resume: same world size, elastic restart ---------------------------------------------------------------------
@@ -198,3 +206,26 @@ def test_a_rank_that_raises_fails_the_job_fast_with_its_traceback(tmp_path):
     assert proc.returncode != 0
     assert time.time() - start < 60  # not the collective timeout
     assert "bad sample 7 on rank 1" in proc.stderr
+
+
+# -- the seed's calling convention ----------------------------------------------------------------------------------
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_model_multigpu_from_plain_python_equals_torchrun(tmp_path):
+    """RANK = node rank, WORLD_SIZE = nodes: it starts 2 gloo workers itself and returns the trained model."""
+    launched = subprocess.run(
+        [sys.executable, os.path.join(TESTS, "jobs", "multigpu_job.py"),
+         json.dumps({"port": free_port(), "prefix": str(tmp_path / "m" / "s"), "out": str(tmp_path / "weights.pt")})],
+        env={**job_env(), "PYTHONPATH": os.path.join(TESTS, "jobs")}, capture_output=True, text=True, timeout=180)
+    assert launched.returncode == 0, launched.stderr
+    ref = torchrun({"prefix": str(tmp_path / "t" / "s"), "num_iters": 6, "iter_size": 2, "batch_size": 2})
+    assert ref.returncode == 0, ref.stderr
+    returned = torch.load(tmp_path / "weights.pt", weights_only=True)
+    for k, v in final(str(tmp_path / "t" / "s"))["model"].items():
+        assert torch.equal(returned[k], v), k

@@ -4,7 +4,8 @@ Config keys: prefix, num_iters | num_epochs, iter_size, batch_size, workers, mod
 folder, for "demo"), interval, resume, out (folder for per-rank records), kill_rank / kill_at (SIGKILL that rank
 after that iteration on the first attempt only), raise_rank / raise_at (the dataset raises there), slow (seconds to
 sleep per iteration), ready_at (write out/ready after that iteration), count_allreduce (record gradient all-reduces),
-pid_file (write out/pid<RANK> at the start).
+pid_file (write out/pid<RANK> at the start),
+user_group (create the process group before train_model), repeat (train_model calls in one process).
 """
 
 import json
@@ -98,7 +99,11 @@ def main():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.8)
     probe = Probe(cfg)
+    if cfg.get("user_group"):  # the user made the group: train_model must use it and leave it alone
+        torch.distributed.init_process_group("gloo")
     try:
+        for _ in range(cfg.get("repeat", 1) - 1):  # earlier runs in the same processes (as find_lr does)
+            run({**cfg, "prefix": None, "interval": None}, model, optimizer, scheduler, dataset, probe)
         trained = run(cfg, model, optimizer, scheduler, dataset, probe)
     except SystemExit as e:  # Preempted: note the exit code each rank leaves with, then leave with it
         if cfg.get("out"):
@@ -111,7 +116,10 @@ def main():
                        "class": type(trained).__name__,
                        "norm_classes": sorted({type(m).__name__ for m in trained.modules()
                                                if "Norm" in type(m).__name__}),
-                       "attempt": probe.attempt}, f)
+                       "attempt": probe.attempt,
+                       "group_alive_after": torch.distributed.is_initialized()}, f)
+    if cfg.get("user_group"):
+        torch.distributed.destroy_process_group()
 
 
 def run(cfg, model, optimizer, scheduler, dataset, probe):
