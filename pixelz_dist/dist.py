@@ -130,8 +130,9 @@ def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: floa
     else:
         tdist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                  timeout=timeout)
-    logger.info("process group: %s, %d processes, timeout %.0f s", backend, env.world_size,
-                timeout.total_seconds())
+    if env.is_main:
+        logger.info("process group: %s, %d processes, timeout %.0f s", backend, env.world_size,
+                    timeout.total_seconds())
 
 
 def convert_sync_batchnorm(model: nn.Module) -> dict[str, type]:

@@ -18,7 +18,6 @@ Pseudocode of one run::
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
@@ -40,7 +39,6 @@ from .errors import DataError, PixelzError
 from .hooks import CallbackList, TrainState
 from .log import (
     AppendFile,
-    RankFilter,
     WindowMeter,
     ensure_handler,
     format_duration,
@@ -167,9 +165,6 @@ class Engine(Checkpointing):
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self):
         ensure_handler()
-        rank_filter = RankFilter(self.env.rank, os.environ.get("PIXELZ_LOG_ALL_RANKS") == "1")
-        if self.distributed:
-            logger.addFilter(rank_filter)
         try:
             self.resume()  # into the plain module, before DDP wraps it
             if self.distributed:
@@ -182,7 +177,6 @@ class Engine(Checkpointing):
             self.ddp, self.forward_model = None, self.model
             if self.sync_bn_originals:
                 revert_sync_batchnorm(self.model, self.sync_bn_originals)
-            logger.removeFilter(rank_filter)
 
     def train(self):
         self.init_snapshot_schedule()

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 logger = logging.getLogger("pixelz_dist")
 
@@ -38,6 +39,20 @@ class RankFilter(logging.Filter):
             record.msg = f"[rank {self.rank}] {record.msg}"
             return True
         return self.rank == 0
+
+
+@contextmanager
+def rank_logging(rank: int, world_size: int):
+    """While active, only rank 0 logs (all ranks, each line prefixed, with PIXELZ_LOG_ALL_RANKS=1)."""
+    if world_size <= 1:
+        yield
+        return
+    rank_filter = RankFilter(rank, os.environ.get("PIXELZ_LOG_ALL_RANKS") == "1")
+    logger.addFilter(rank_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(rank_filter)
 
 
 def format_duration(seconds: float) -> str:

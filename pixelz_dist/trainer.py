@@ -7,6 +7,7 @@ import inspect
 from .dist import process_group
 from .engine import Engine
 from .errors import ConfigError, DataError
+from .log import ensure_handler, rank_logging
 from .settings import apply_legacy_names, check_settings
 
 
@@ -99,5 +100,6 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         num_workers=num_workers, keep_last=keep_last, strict_load=strict_load, drop_last=drop_last,
         seed_data=seed_data, log_prefix=log_prefix, collate_fn=collate_fn, sync_bn=sync_bn, backend=backend,
         dist_timeout=dist_timeout, ddp_kwargs=ddp_kwargs))
-    with process_group(backend=backend, timeout_s=dist_timeout):
+    ensure_handler()
+    with process_group(backend=backend, timeout_s=dist_timeout) as env, rank_logging(env.rank, env.world_size):
         return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()
