@@ -188,6 +188,7 @@ class Engine(Checkpointing):
         self.t_start = time.perf_counter()
         self.start_iteration = self.progress.iteration
         self.meter.reset(self.t_start)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients left by the caller must not leak into step 1
         for hook in self.callbacks.on_train_start:
             hook(self.state)
         with self.preemption:  # DataLoader workers start inside: they inherit the flag-setting handlers

@@ -70,10 +70,10 @@ def private_copy(objects):
     return pickle.loads(pickle.dumps(objects))
 
 
-def _train_in_worker(args, kwargs):
-    """Worker side: train, and send rank 0's weights back (a state dict pickles anywhere; the module may not)."""
+def _own_copies(args, kwargs, positional: int):
+    """Replace the first ``positional`` arguments (model, optimizer[, scheduler]) by private copies."""
     args = list(args)
-    own = {i: args[i] for i in range(min(3, len(args)))}  # model, optimizer, scheduler given by position
+    own = {i: args[i] for i in range(min(positional, len(args)))}
     own.update({k: kwargs[k] for k in ("optimizer", "scheduler") if k in kwargs})
     for key, value in private_copy(own).items():
         if isinstance(key, int):
@@ -82,8 +82,27 @@ def _train_in_worker(args, kwargs):
             kwargs[key] = value
     # The unpickled optimizer lost the scheduler's step-order check; torch then warns at every epoch. It is benign.
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
+    return args, kwargs
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _train_in_worker(args, kwargs):
+    """Worker side: train, and send rank 0's weights back (a state dict pickles anywhere; the module may not)."""
+    args, kwargs = _own_copies(args, kwargs, 3)
     model = train_model(*args, **kwargs)
-    return model.state_dict() if int(os.environ.get("RANK", "0")) == 0 else None
+    return model.state_dict() if _is_rank0() else None
+
+
+def _find_lr_in_worker(args, kwargs):
+    """Worker side of find_lr_multigpu: rank 0 sends the result back (numpy arrays and plain values)."""
+    from .lr_finder import find_lr
+
+    args, kwargs = _own_copies(args, kwargs, 2)
+    model = find_lr(*args, **kwargs)
+    return model.lr_finder_result if _is_rank0() else None
 
 
 def train_model_multigpu(model, *args, nproc_per_node: int | None = None, start_method: str = "spawn", **kwargs):
@@ -107,4 +126,20 @@ def train_model_multigpu(model, *args, nproc_per_node: int | None = None, start_
     state = results.get(0)
     if state is not None:
         model.load_state_dict(state)
+    return model
+
+
+def find_lr_multigpu(model, *args, nproc_per_node: int | None = None, start_method: str = "spawn", **kwargs):
+    """:func:`~pixelz_dist.lr_finder.find_lr` on every GPU of every node, with the seed's calling convention.
+
+    Same environment as :func:`train_model_multigpu`. Returns ``model`` unchanged (the finder leaves weights as they
+    were) with the result attached as ``model.lr_finder_result`` on node 0.
+    """
+    if under_torchrun():
+        from .lr_finder import find_lr
+
+        return find_lr(model, *args, **kwargs)
+    results = launch_on_this_node(_find_lr_in_worker, ((model, *args), kwargs), {}, nproc_per_node, start_method)
+    if results.get(0) is not None:
+        model.lr_finder_result = results[0]
     return model

@@ -10,32 +10,25 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import tempfile
 
 import torch
 
+from .cli import add_data_args, add_demo_args, add_run_args, build_demo_job, require_demo, setup_logging
 from .errors import PixelzError
-from .log import ensure_handler, logger
+from .log import logger
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pixelz_dist.train", description="Train a model with pixelz_dist.")
-    p.add_argument("--demo", action="store_true", help="train the built-in demo: a tiny segmentation network on a "
-                   "synthetic multi-image dataset of real image files")
-    p.add_argument("--demo-dir", help="where the demo images go (default: a temporary folder)")
-    p.add_argument("--demo-samples", type=int, default=64, help="number of demo samples (default 64)")
+    add_demo_args(p)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--iters", type=int, help="train for this many iterations (optimizer steps)")
     length.add_argument("--epochs", type=int, help="train for this many epochs (default for the demo: 5)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--iter-size", type=int, default=1, help="micro-batches per optimizer step")
+    add_data_args(p)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: automatic)")
+    add_run_args(p)
     p.add_argument("--display-iter", type=int, default=5)
     p.add_argument("--snapshot-prefix", help="write snapshots to PREFIX_iter_N.pt (demo default: "
                    "DEMO_DIR/snapshots/demo)")
@@ -48,23 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.demo:
-        build_parser().error("only --demo is available in this version: pass --demo, or call "
-                             "pixelz_dist.train_model from Python for your own model and data")
-    ensure_handler()
-    if os.environ.get("RANK", "0") != "0":
-        logger.setLevel(logging.WARNING)
-    from .demo import build_demo
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    require_demo(parser, args, "train_model")
+    setup_logging()
     from .trainer import train_model
 
-    demo_dir = args.demo_dir or os.path.join(tempfile.gettempdir(), "pixelz_dist_demo")
-    prefix = args.snapshot_prefix or os.path.join(demo_dir, "snapshots", "demo")
     if args.iters is None and args.epochs is None:
         args.epochs = 5
-    model, dataset = build_demo(demo_dir, num_samples=args.demo_samples, seed=args.seed)
+    model, dataset, optimizer, demo_dir = build_demo_job(args, lr=args.lr)
+    prefix = args.snapshot_prefix or os.path.join(demo_dir, "snapshots", "demo")
     logger.info("demo data in %s (%d samples), snapshots under %s", demo_dir, len(dataset), prefix)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs or args.iters)
     try:
         train_model(model, optimizer, scheduler, dataset, args.batch_size, shuffle=args.shuffle,

@@ -229,3 +229,28 @@ def test_train_model_multigpu_from_plain_python_equals_torchrun(tmp_path):
     returned = torch.load(tmp_path / "weights.pt", weights_only=True)
     for k, v in final(str(tmp_path / "t" / "s"))["model"].items():
         assert torch.equal(returned[k], v), k
+
+
+# -- the learning-rate finder across processes ------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["runs", "sweep"])
+def test_find_lr_losses_under_torchrun_and_find_lr_multigpu_equal_one_process(tmp_path, method):
+    """Every rank trains its shard, losses are averaged over ranks before they are recorded, rank 0 writes."""
+    import numpy as np
+
+    def launch(mode, batch_size):
+        cfg = {"mode": mode, "result": str(tmp_path / f"{mode}.npz"), "batch_size": batch_size, "method": method,
+               "port": free_port()}
+        script = os.path.join(TESTS, "jobs", "find_lr_job.py")
+        env = {**job_env(), "PYTHONPATH": os.path.join(TESTS, "jobs")}
+        cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", script, json.dumps(cfg)] if mode == "torchrun" \
+            else [sys.executable, script, json.dumps(cfg)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        return np.load(cfg["result"])
+
+    single = launch("single", 8)
+    modes = ("torchrun", "multigpu") if method == "runs" else ("torchrun",)
+    for mode in modes:
+        result = launch(mode, 4)
+        np.testing.assert_allclose(result["losses"], single["losses"], rtol=1e-5, atol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(result["lrs"], single["lrs"])

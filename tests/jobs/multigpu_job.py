@@ -5,9 +5,9 @@ import json
 import os
 import sys
 
-import dist_job
 import torch
 
+import dist_job
 from pixelz_dist import train_model_multigpu
 
 if __name__ == "__main__":
