@@ -47,7 +47,7 @@ from .log import (
     logger,
 )
 from .model_io import call_model, extract_loss, move_to_device
-from .preemption import Preempted, PreemptionFlag
+from .preemption import Preempted, PreemptionFlag, ignore_preemption_signals
 from .progress import Progress
 from .sampler import ResumableBatchSampler
 from .seeding import SeededDataset, draws_no_random_numbers
@@ -96,7 +96,7 @@ class Engine(Checkpointing):
         self.num_workers = workers
         self.loader = DataLoader(SeededDataset(dataset, seed_data), batch_sampler=self.sampler, num_workers=workers,
                                  collate_fn=s.collate_fn, pin_memory=self.plan.pin_memory,
-                                 persistent_workers=workers > 0,
+                                 persistent_workers=workers > 0, worker_init_fn=ignore_preemption_signals,
                                  generator=torch.Generator())  # never draw from the global RNG: resume stays exact
         self.plateau = isinstance(scheduler, ReduceLROnPlateau)
         self.progress = Progress()

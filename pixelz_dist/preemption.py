@@ -4,8 +4,10 @@ SLURM warns a job before it ends it (``#SBATCH --signal=B:USR1@120`` or SIGTERM)
 SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers (SIGUSR1 too when started with ``--signals-to-handle``) and SIGKILLs them
 about 30 s later. Doing real work inside a signal handler is unsafe (it may interrupt a collective or a file write), so
 the handler records the signal; the engine combines the flag across ranks at the next step boundary, rank 0 writes a
-snapshot, and every rank exits with :data:`PREEMPTION_EXIT_CODE` (launch scripts requeue on it). DataLoader workers are
-forked after the handlers are installed, so a signal sent to the whole process tree does not kill them first.
+snapshot, and every rank exits with :data:`PREEMPTION_EXIT_CODE` (launch scripts requeue on it). A scheduler signals
+the whole process tree: DataLoader workers, which torch makes die on SIGTERM, ignore these signals instead
+(:func:`ignore_preemption_signals`), so the trainer is not killed by a dead worker before it can snapshot; they still
+exit when the trainer shuts them down or dies.
 """
 
 from __future__ import annotations
@@ -57,3 +59,10 @@ class PreemptionFlag:
             signal.signal(sig, previous)
         self._previous.clear()
         return False
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the trainer, not its workers, answers a preemption signal."""
+    for name in PREEMPTION_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)

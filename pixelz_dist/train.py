@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from .cli import add_data_args, add_demo_args, add_run_args, build_demo_job, require_demo, setup_logging
 from .errors import PixelzError
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@record  # under torchrun, the failing rank's traceback is shown in the job summary
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -28,12 +28,13 @@ def job_env():
     return env
 
 
-def torchrun(cfg, nproc=2, extra=(), timeout=180, background=False):
+def torchrun(cfg, nproc=2, extra=(), timeout=180, background=False, env=None):
     cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *extra, JOB, json.dumps(cfg)]
+    env = {**job_env(), **(env or {})}
     if background:
-        return subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-    return subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def python_job(cfg, timeout=120):
@@ -161,15 +162,18 @@ def wait_for(path, proc, timeout=120):
 
 
 def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path):
-    cfg = dict(num_iters=30, iter_size=2, batch_size=2, dropout=0.2)
+    cfg = dict(num_iters=30, iter_size=2, batch_size=2, dropout=0.2, workers=1)
     ref = torchrun({**cfg, "prefix": str(tmp_path / "ref" / "s")})
     assert ref.returncode == 0, ref.stderr
     prefix = str(tmp_path / "s")
     out = tmp_path / "out"
     out.mkdir()
-    proc = torchrun({**cfg, "prefix": prefix, "out": str(out), "slow": 0.2, "ready_at": 3}, background=True)
+    proc = torchrun({**cfg, "prefix": prefix, "out": str(out), "slow": 0.2, "ready_at": 3, "workers": 1},
+                    background=True)
     wait_for(out / "ready", proc)
-    proc.send_signal(signal.SIGTERM)  # torchrun's agent forwards it to both workers
+    # As a scheduler does: SIGTERM to every process of the job, torchrun's agent, the trainers and their DataLoader
+    # workers (which must not die first); the agent also forwards its copy to the trainers.
+    os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert "preemption: SIGTERM received" in output
     assert [open(out / f"exit{r}").read() for r in range(2)] == [str(PREEMPTION_EXIT_CODE)] * 2
@@ -206,6 +210,26 @@ def test_a_rank_that_raises_fails_the_job_fast_with_its_traceback(tmp_path):
     assert proc.returncode != 0
     assert time.time() - start < 60  # not the collective timeout
     assert "bad sample 7 on rank 1" in proc.stderr
+
+
+def test_a_hung_peer_fails_the_job_after_the_collective_timeout(tmp_path):
+    """Rank 1 hangs; rank 0's next collective gives up after dist_timeout (5 s here) and fails with its traceback.
+
+    (torchrun's agent then takes another 30 s to SIGKILL the hung rank; the test does not wait for that.)
+    """
+    start = time.time()
+    proc = torchrun({"num_iters": 20, "hang_rank": 1, "hang_at": 3, "timeout": 5}, background=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[rank0]") and "Timed out" in line:
+                break
+            assert time.time() - start < 90, "rank 0 still waiting: the collective timeout was not applied"
+        else:
+            pytest.fail("the job ended without rank 0 timing out")
+        assert time.time() - start < 60  # 5 s of timeout plus start-up, not torch's 30 minutes
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 # -- the seed's calling convention ----------------------------------------------------------------------------------

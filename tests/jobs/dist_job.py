@@ -5,7 +5,8 @@ folder, for "demo"), interval, resume, out (folder for per-rank records), kill_r
 after that iteration on the first attempt only), raise_rank / raise_at (the dataset raises there), slow (seconds to
 sleep per iteration), ready_at (write out/ready after that iteration), count_allreduce (record gradient all-reduces),
 pid_file (write out/pid<RANK> at the start),
-user_group (create the process group before train_model), repeat (train_model calls in one process).
+user_group (create the process group before train_model), repeat (train_model calls in one process),
+hang_rank / hang_at (that rank sleeps for an hour there), timeout (dist_timeout).
 """
 
 import json
@@ -79,6 +80,8 @@ class Probe(Callback):
             time.sleep(self.cfg["slow"])
         if self.cfg.get("ready_at") == state.iteration and self.rank == 0:
             open(os.path.join(self.cfg["out"], "ready"), "w").close()
+        if self.cfg.get("hang_rank") == self.rank and self.cfg.get("hang_at") == state.iteration:
+            time.sleep(3600)  # a hung peer: the others must give up after dist_timeout, not after 30 minutes
         if (self.cfg.get("kill_rank") == self.rank and self.cfg.get("kill_at") == state.iteration
                 and self.attempt == 0):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -127,7 +130,7 @@ def run(cfg, model, optimizer, scheduler, dataset, probe):
                        snapshot_prefix=cfg.get("prefix"), num_iters=cfg.get("num_iters"),
                        num_epochs=cfg.get("num_epochs"), iter_size=cfg.get("iter_size", 1), display_iter=2,
                        snapshot_interval=cfg.get("interval"), load_snapshot_path=cfg.get("resume"), seed=5,
-                       num_workers=cfg.get("workers", 0), callbacks=[probe], dist_timeout=60)
+                       num_workers=cfg.get("workers", 0), callbacks=[probe], dist_timeout=cfg.get("timeout", 60))
 
 
 if __name__ == "__main__":
