@@ -218,7 +218,10 @@ def test_a_hung_peer_fails_the_job_after_the_collective_timeout(tmp_path):
     (torchrun's agent then takes another 30 s to SIGKILL the hung rank; the test does not wait for that.)
     """
     start = time.time()
-    proc = torchrun({"num_iters": 20, "hang_rank": 1, "hang_at": 3, "timeout": 5}, background=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun({"num_iters": 20, "hang_rank": 1, "hang_at": 3, "timeout": 5, "out": str(out), "pid_file": True},
+                    background=True)
     try:
         for line in proc.stdout:
             if line.startswith("[rank0]") and "Timed out" in line:
@@ -228,6 +231,12 @@ def test_a_hung_peer_fails_the_job_after_the_collective_timeout(tmp_path):
             pytest.fail("the job ended without rank 0 timing out")
         assert time.time() - start < 60  # 5 s of timeout plus start-up, not torch's 30 minutes
     finally:
+        for r in range(2):  # the workers run in sessions of their own: end the hung one too
+            if (out / f"pid{r}").exists():
+                try:
+                    os.kill(int((out / f"pid{r}").read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 

@@ -6,7 +6,7 @@ after that iteration on the first attempt only), raise_rank / raise_at (the data
 sleep per iteration), ready_at (write out/ready after that iteration), count_allreduce (record gradient all-reduces),
 pid_file (write out/pid<RANK> at the start),
 user_group (create the process group before train_model), repeat (train_model calls in one process),
-hang_rank / hang_at (that rank sleeps for an hour there), timeout (dist_timeout).
+hang_rank / hang_at (that rank sleeps for a minute there), timeout (dist_timeout).
 """
 
 import json
@@ -81,7 +81,7 @@ class Probe(Callback):
         if self.cfg.get("ready_at") == state.iteration and self.rank == 0:
             open(os.path.join(self.cfg["out"], "ready"), "w").close()
         if self.cfg.get("hang_rank") == self.rank and self.cfg.get("hang_at") == state.iteration:
-            time.sleep(3600)  # a hung peer: the others must give up after dist_timeout, not after 30 minutes
+            time.sleep(60)  # a hung peer: the others must give up after dist_timeout, long before this ends
         if (self.cfg.get("kill_rank") == self.rank and self.cfg.get("kill_at") == state.iteration
                 and self.attempt == 0):
             os.kill(os.getpid(), signal.SIGKILL)
