@@ -246,10 +246,11 @@ class Engine(Checkpointing):
         clock = time.perf_counter
         losses = meter.losses
         first = len(losses)
+        waited = 0.0
         for m in range(window):
             t0 = clock()
             batch = next(batches)
-            meter.data_wait += clock() - t0
+            waited += clock() - t0
             if self.move:
                 batch = move_to_device(batch, device)
             if ddp is not None and m < window - 1:
@@ -260,6 +261,7 @@ class Engine(Checkpointing):
                 loss = extract_loss(call_model(model, batch))
                 (loss / window if window > 1 else loss).backward()
             losses.append(loss.detach())
+        meter.data_wait += waited
         self._last_losses = losses[first:]
         if self.plateau and not self.s.schedule_on_iter:
             for loss in self._last_losses:
@@ -293,9 +295,9 @@ class Engine(Checkpointing):
     def agree_on_requests(self) -> tuple[bool, bool, bool]:
         """Stop, snapshot and preemption requests, combined over ranks so that all ranks act on them together."""
         st = self.state
-        flags = (st.stop_reason is not None, st.snapshot_requested, self.preemption.received is not None)
         if not self.distributed:
-            return flags
+            return st.stop_reason is not None, st.snapshot_requested, self.preemption.received is not None
+        flags = (st.stop_reason is not None, st.snapshot_requested, self.preemption.received is not None)
         t = torch.tensor(flags, dtype=torch.int32, device=self.comm_device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         stop, snap, preempt = (bool(x) for x in t.tolist())

@@ -76,6 +76,7 @@ class AppendFile:
         self.path = path
         self.header = header
         self.pending: list[str] = []
+        self._folder_made = False
 
     def add(self, line: str) -> None:
         self.pending.append(line)
@@ -86,7 +87,9 @@ class AppendFile:
     def flush(self) -> None:
         if not self.pending:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if not self._folder_made:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._folder_made = True
         new = not os.path.exists(self.path)
         with open(self.path, "a", encoding="utf-8") as f:
             if new and self.header:

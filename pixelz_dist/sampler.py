@@ -16,14 +16,22 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
+def _mix(h: int, v: int) -> int:
+    """One splitmix64 round: fold ``v`` into the state ``h``."""
+    h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+    h ^= h >> 31
+    h = (h * 0x94D049BB133111EB) & _MASK64
+    return h ^ (h >> 29)
+
+
+_MIX_START = 0x9E3779B97F4A7C15
+
+
 def mix_seed(*values: int) -> int:
     """Mix integers into one well-spread 63-bit seed (splitmix64 finaliser); cheap enough to run per batch."""
-    h = 0x9E3779B97F4A7C15
+    h = _MIX_START
     for v in values:
-        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
+        h = _mix(h, v)
     return h >> 1
 
 
@@ -115,12 +123,17 @@ class ResumableBatchSampler:
 
     def __iter__(self):
         order = self.order(self.epoch)
-        seed, epoch = self.seed, self.epoch
-        for b in range(len(self)):
-            p = self.start + b * self.global_batch
-            offset, part = self.shard(order[p:p + self.global_batch])
+        gb = self.global_batch
+        h = _mix(_mix(_MIX_START, self.seed), self.epoch)  # mix_seed(seed, epoch, x) == _mix(h, x) >> 1, per epoch
+        positions = range(self.start, self.start + len(self) * gb, gb)
+        if self.world_size == 1:  # the whole global batch is this rank's: no shard() call per batch
+            for p in positions:
+                yield BatchKey(_mix(h, p) >> 1, order[p:p + gb].tolist())
+            return
+        for p in positions:
+            offset, part = self.shard(order[p:p + gb])
             # seeded by the global position of this rank's first sample: ranks draw different augmentations
-            yield BatchKey(mix_seed(seed, epoch, p + offset), part.tolist())
+            yield BatchKey(_mix(h, p + offset) >> 1, part.tolist())
 
     def order_digest(self, begin: int, end: int) -> str:
         """A short hash of the global sample indices at positions ``[begin, end)`` of the current epoch."""
