@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 import torch.distributed as tdist
@@ -129,7 +130,9 @@ class Checkpointing:
             self._epoch_loss_sum = snap["epoch_loss"]["sum"].to(self.device)
             self._epoch_loss_count = int(snap["epoch_loss"]["count"])
         if self.apply_data_position(path, snap["data"]):
-            self.step_epoch_scheduler()  # the rest of the snapshot's epoch is skipped: that epoch has ended
+            with warnings.catch_warnings():  # torch warns that no optimizer.step() ran yet in this process: expected
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                self.step_epoch_scheduler()  # the rest of the snapshot's epoch is skipped: that epoch has ended
         absent = self.callbacks.load_state_dict(snap.get("callbacks", {}))
         if absent:
             logger.warning("snapshot %s holds no state for callback(s) %s; they start fresh", path, absent)
