@@ -86,15 +86,13 @@ def default_num_workers(local_processes: int | None = None, environ=None) -> int
     return min(max(cpus_available(environ) // max(local_processes, 1), 1), MAX_WORKERS_PER_GPU)
 
 
-def choose_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(cuda: bool) -> str:
+    return "nccl" if cuda else "gloo"
 
 
-def choose_device(env: DistEnv) -> torch.device | None:
-    """The device of this process under torchrun: ``cuda:LOCAL_RANK`` on a GPU node, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def local_gpu(env: DistEnv) -> torch.device:
+    """Under torchrun, process LOCAL_RANK owns GPU LOCAL_RANK."""
+    return torch.device("cuda", env.local_rank)
 
 
 def timeout_seconds(timeout_s: float | None = None) -> float:
@@ -114,10 +112,10 @@ def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: floa
     (pytorch/pytorch#135712, #167288), so the group is built over a key space of its own per restart attempt and
     per group.
     """
-    backend = backend or choose_backend()
+    backend = backend or default_backend(torch.cuda.is_available())
     timeout = timedelta(seconds=timeout_seconds(timeout_s))
     if backend == "nccl":
-        torch.cuda.set_device(choose_device(env))
+        torch.cuda.set_device(local_gpu(env))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
         client = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                 timeout=timeout)
@@ -166,13 +164,6 @@ def revert_sync_batchnorm(model: nn.Module, originals: dict[str, type]) -> None:
         if hasattr(sync, "qconfig"):
             bn.qconfig = sync.qconfig
         setattr(parent, child, bn)
-
-
-def all_reduce_tensor(t: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce (sum by default) when a process group exists; a no-op otherwise."""
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.all_reduce(t, op=op or tdist.ReduceOp.SUM)
-    return t
 
 
 def gather_to_main(obj, env: DistEnv):
@@ -231,8 +222,8 @@ def plan_devices(env: DistEnv, model_device: torch.device, sync_bn: bool, has_ba
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if not env.is_distributed:
         return DevicePlan(model_device, None, False, model_device.type == "cuda", None)
-    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
-    chosen = backend or ("nccl" if cuda else "gloo")
+    device = local_gpu(env) if cuda else torch.device("cpu")
+    chosen = backend or default_backend(cuda)
     convert = bool(sync_bn and has_batchnorm and device.type == "cuda")
     if sync_bn and has_batchnorm and not convert:
         logger.warning("sync_bn: SyncBatchNorm needs GPU tensors, so on this CPU job each of the %d processes "
