@@ -51,25 +51,32 @@ class Checkpointing:
         return False
 
     def snapshot_state(self, rng_per_rank: list) -> dict:
-        s = self.s
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "progress": self.progress.state_dict(),
-            "data": {"seed": self.sampler.seed, "shuffle": s.shuffle, "batch_size": s.batch_size,
-                     "iter_size": s.iter_size, "world_size": self.env.world_size, "num_samples": self.num_samples,
-                     "drop_last": s.drop_last},
+            "data": self.data_state(),
             "rng": rng_per_rank[0],
             "rng_per_rank": rng_per_rank,
             "callbacks": self.callbacks.state_dict(),
             "epoch_loss": {"sum": self._epoch_loss_sum.cpu(), "count": self._epoch_loss_count},
+            "grad_scaler": self.precision.state_dict(),
             "meta": {"pixelz_dist": __version__, "torch": str(torch.__version__), "time": time.time()},
         }
 
+    def data_state(self) -> dict:
+        s = self.s
+        if self.sampler is None:  # the user's DataLoader
+            return {**self.source.state_dict(), "iter_size": s.iter_size}
+        return {"kind": "dataset", "seed": self.sampler.seed, "shuffle": s.shuffle, "batch_size": s.batch_size,
+                "iter_size": s.iter_size, "world_size": self.env.world_size, "num_samples": self.num_samples,
+                "drop_last": s.drop_last}
+
     def write_snapshot(self) -> str:
         """Every rank sends its RNG state to rank 0, which writes; all ranks wait until the file is complete."""
+        started = time.perf_counter()
         path = snapshot_path(self.snapshot_prefix, self.progress.iteration)
         rng_per_rank = gather_to_main(capture_rng_state(), self.env)
         if self.env.is_main:
@@ -79,6 +86,7 @@ class Checkpointing:
                 prune_snapshots(self.snapshot_prefix, self.s.keep_last)
             logger.info("snapshot written: %s", path)
         barrier()
+        self.last_snapshot_seconds = time.perf_counter() - started
         self.last_snapshot_path, self.last_snapshot_iteration = path, self.progress.iteration
         self.state.snapshot_requested = False
         for hook in self.callbacks.on_snapshot:
@@ -129,6 +137,7 @@ class Checkpointing:
         if "epoch_loss" in snap:
             self._epoch_loss_sum = snap["epoch_loss"]["sum"].to(self.device)
             self._epoch_loss_count = int(snap["epoch_loss"]["count"])
+        self.precision.load_state_dict(snap.get("grad_scaler"))
         if self.apply_data_position(path, snap["data"]):
             with warnings.catch_warnings():  # torch warns that no optimizer.step() ran yet in this process: expected
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
@@ -143,12 +152,18 @@ class Checkpointing:
         if self.order is not None:
             self.order.add(f"# resumed from {path} at iteration {self.progress.iteration}")
         p = self.progress
-        logger.info("resumed from %s: iteration %d, epoch %d, sample %d of %d", path, p.iteration, p.epoch,
+        logger.info("resumed from %s: iteration %d, epoch %d, position %d of %s", path, p.iteration, p.epoch,
                     p.samples_in_epoch, self.num_samples)
 
     def apply_data_position(self, path: str, data: dict) -> bool:
         """Apply the saved position; True when the rest of the snapshot's epoch is skipped."""
         p, s = self.progress, self.s
+        if self.sampler is None:
+            return self.apply_loader_position(path, data)
+        if data.get("kind", "dataset") != "dataset":
+            raise SnapshotError(f"{path} was written by a run that trained from a DataLoader, and this run passes a "
+                                "dataset: the data position cannot be carried over. HINT: pass the same kind of data "
+                                "as the run that wrote it, or resume with restore_dataloader=False.")
         if data["seed"] != self.sampler.seed:
             logger.warning("snapshot %s was trained with seed %d, this call passes %d: the snapshot's seed is kept so "
                            "the data order continues", path, data["seed"], self.sampler.seed)
@@ -173,4 +188,14 @@ class Checkpointing:
                         p.epoch + 1)
             p.epoch, p.samples_in_epoch = p.epoch + 1, 0
             return True
+        return False
+
+    def apply_loader_position(self, path: str, data: dict) -> bool:
+        p = self.progress
+        if not self.s.restore_dataloader and p.samples_in_epoch > 0:
+            logger.info("restore_dataloader=False: skipping the rest of epoch %d (%d batches were done)", p.epoch,
+                        p.samples_in_epoch)
+            p.epoch, p.samples_in_epoch = p.epoch + 1, 0
+            return True
+        self.source.load_state_dict(data, p.samples_in_epoch, path)
         return False

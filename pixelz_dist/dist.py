@@ -19,6 +19,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from .errors import ConfigError
 from .log import logger
 
 MAX_WORKERS_PER_GPU = 6  # the seed's cap: more workers than this rarely feed one GPU faster
@@ -92,6 +93,11 @@ def default_backend(cuda: bool) -> str:
 
 def local_gpu(env: DistEnv) -> torch.device:
     """Under torchrun, process LOCAL_RANK owns GPU LOCAL_RANK."""
+    count = torch.cuda.device_count()
+    if env.local_rank >= count:
+        raise ConfigError(f"LOCAL_RANK={env.local_rank} but this node has {count} visible GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one process per "
+                          f"GPU. HINT: start torchrun with --nproc_per_node={count} (or 'gpu').")
     return torch.device("cuda", env.local_rank)
 
 

@@ -26,7 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from .amp import MixedPrecision
+from .batch_source import DatasetSource
 from .checkpointing import Checkpointing
+from .device_feed import DeviceFeed
 from .dist import (
     convert_sync_batchnorm,
     default_num_workers,
@@ -35,7 +38,7 @@ from .dist import (
     read_env,
     revert_sync_batchnorm,
 )
-from .errors import DataError, PixelzError
+from .errors import PixelzError
 from .hooks import CallbackList, TrainState
 from .log import (
     AppendFile,
@@ -46,12 +49,11 @@ from .log import (
     gpu_memory_fields,
     logger,
 )
-from .model_io import call_model, extract_loss, move_to_device
-from .preemption import Preempted, PreemptionFlag, ignore_preemption_signals
+from .model_io import call_model, extract_loss
+from .preemption import Preempted, PreemptionFlag
 from .progress import Progress
-from .sampler import ResumableBatchSampler
-from .seeding import SeededDataset, draws_no_random_numbers
 from .settings import RunSettings
+from .user_loader import UserLoaderSource
 
 ORDER_HEADER = "iteration\tepoch\tfrom\tto\tdigest"
 
@@ -81,31 +83,36 @@ class Engine(Checkpointing):
             model.to(self.device)
         self.comm_device = self.device if self.distributed and tdist.get_backend() == "nccl" else torch.device("cpu")
         self.sync_bn_originals = convert_sync_batchnorm(model) if self.plan.sync_bn else {}
+        if s.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.ddp = None
         self.forward_model = model
-        self.move = self.device.type != "cpu"
-        self.num_samples = len(dataset)
-        self.sampler = ResumableBatchSampler(self.num_samples, s.batch_size, shuffle=s.shuffle, seed=s.seed,
-                                             rank=env.rank, world_size=env.world_size, drop_last=s.drop_last)
-        if self.sampler.batches_per_epoch() == 0:
-            raise DataError(f"the dataset has {self.num_samples} samples, fewer than one global batch of "
-                            f"{self.sampler.global_batch}, and drop_last=True leaves nothing to train on. "
-                            "HINT: lower batch_size or set drop_last=False.")
-        seed_data = (not draws_no_random_numbers(dataset)) if s.seed_data is None else s.seed_data
-        workers = default_num_workers(self.plan.local_processes) if s.num_workers is None else s.num_workers
-        self.num_workers = workers
-        self.loader = DataLoader(SeededDataset(dataset, seed_data), batch_sampler=self.sampler, num_workers=workers,
-                                 collate_fn=s.collate_fn, pin_memory=self.plan.pin_memory,
-                                 persistent_workers=workers > 0, worker_init_fn=ignore_preemption_signals,
-                                 generator=torch.Generator())  # never draw from the global RNG: resume stays exact
+        self.callbacks = CallbackList(callbacks)
+        if isinstance(dataset, DataLoader):
+            self.source = UserLoaderSource(dataset, env)
+            self.num_workers = dataset.num_workers
+        else:
+            workers = default_num_workers(self.plan.local_processes) if s.num_workers is None else s.num_workers
+            # a dataset (or a callback) that changes the data between epochs needs workers that see the change
+            persistent = not callable(getattr(dataset, "set_epoch", None)) and not self.callbacks.changes_dataset
+            self.source = DatasetSource(dataset, s, env, self.plan.pin_memory, workers, persistent)
+            self.num_workers = workers
+        self.dataset = dataset
+        self.sampler = getattr(self.source, "sampler", None)
+        self.num_samples = self.source.epoch_size
+        self.feed = DeviceFeed(self.device, s.channels_last, ahead=s.prefetch and self.source.read_ahead)
+        self.precision = MixedPrecision(s.amp, self.device)
+        self.closure = s.closure
         self.plateau = isinstance(scheduler, ReduceLROnPlateau)
         self.progress = Progress()
-        self.callbacks = CallbackList(callbacks)
         self.state = TrainState(self)
         self.preemption = PreemptionFlag()
         self.snapshot_prefix = s.snapshot_prefix
         self.last_snapshot_path: str | None = None
         self.last_snapshot_iteration = -1
+        self.last_snapshot_seconds: float | None = None
+        self._skip_reason: str | None = None
+        self._unscaled = False
         log_prefix = (s.log_prefix or s.snapshot_prefix) if env.is_main else None
         self.metrics = AppendFile(f"{log_prefix}_metrics.jsonl") if log_prefix else None
         self.order = AppendFile(f"{log_prefix}_order.tsv", ORDER_HEADER) if log_prefix else None
@@ -117,23 +124,24 @@ class Engine(Checkpointing):
 
     # -- counters -----------------------------------------------------------------------------------------------
     def epoch_fraction(self) -> float:
-        return self.progress.epoch + self.progress.samples_in_epoch / self.num_samples
+        size = self.num_samples
+        return self.progress.epoch + (self.progress.samples_in_epoch / size if size else 0.0)
 
-    def iterations_per_epoch(self, start: int = 0) -> int:
-        left = self.num_samples - start
-        gb = self.sampler.global_batch
-        batches = left // gb if self.s.drop_last else math.ceil(left / gb)
-        return math.ceil(batches / self.s.iter_size)
+    def iterations_per_epoch(self, start: int = 0) -> int | None:
+        batches = self.source.batches_left(start)
+        return None if batches is None else math.ceil(batches / self.s.iter_size)
 
     @property
-    def total_iters(self) -> int:
+    def total_iters(self) -> int | None:
         if self.s.num_iters is not None:
             return self.s.num_iters
         p = self.progress
         if p.epoch >= self.s.num_epochs:
             return p.iteration
-        return (p.iteration + self.iterations_per_epoch(p.samples_in_epoch)
-                + (self.s.num_epochs - p.epoch - 1) * self.iterations_per_epoch())
+        now, whole = self.iterations_per_epoch(p.samples_in_epoch), self.iterations_per_epoch()
+        if now is None or whole is None:
+            return None  # a DataLoader without a length
+        return p.iteration + now + (self.s.num_epochs - p.epoch - 1) * whole
 
     @property
     def last_loss(self):
@@ -172,6 +180,9 @@ class Engine(Checkpointing):
                     self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                     **(self.s.ddp_kwargs or {}))
                 self.forward_model = self.ddp
+            if self.s.compile:
+                options = self.s.compile if isinstance(self.s.compile, dict) else {}
+                self.forward_model = torch.compile(self.forward_model, **options)
             return self.train()
         finally:
             self.ddp, self.forward_model = None, self.model
@@ -181,10 +192,15 @@ class Engine(Checkpointing):
     def train(self):
         self.init_snapshot_schedule()
         world = f", {self.env.world_size} processes" if self.distributed else ""
-        logger.info("training %s on %s%s: %d samples, batch %d x iter_size %d, %d DataLoader workers, %s",
-                    type(self.model).__name__, self.device, world, self.num_samples, self.s.batch_size,
-                    self.s.iter_size, self.num_workers, f"{self.s.num_iters} iterations" if self.s.num_iters
-                    is not None else f"{self.s.num_epochs} epochs ({self.iterations_per_epoch()} iterations each)")
+        what = (f"{self.num_samples} samples, batch {self.s.batch_size}" if self.source.kind == "dataset" else
+                f"your DataLoader ({self.num_samples} batches per epoch, batch {self.source.batch_size})")
+        extras = "".join(f", {name}" for name, on in (
+            (f"amp {self.s.amp}", self.s.amp), ("channels_last", self.s.channels_last),
+            ("torch.compile", self.s.compile), ("LBFGS-style closure", self.closure)) if on)
+        logger.info("training %s on %s%s: %s x iter_size %d, %d DataLoader workers, %s%s",
+                    type(self.model).__name__, self.device, world, what, self.s.iter_size, self.num_workers,
+                    f"{self.s.num_iters} iterations" if self.s.num_iters is not None else
+                    f"{self.s.num_epochs} epochs ({self.iterations_per_epoch()} iterations each)", extras)
         self.t_start = time.perf_counter()
         self.start_iteration = self.progress.iteration
         self.meter.reset(self.t_start)
@@ -196,7 +212,7 @@ class Engine(Checkpointing):
                 while not self.done():
                     self.run_epoch()
             finally:
-                self.loader = None  # the last reference: persistent workers shut down now, not at interpreter exit
+                self.source.close()
         if self.meter.iterations:
             self.display()
         if self.snapshot_prefix and self.last_snapshot_iteration != self.progress.iteration:
@@ -209,27 +225,34 @@ class Engine(Checkpointing):
         return self.model
 
     def run_epoch(self) -> None:
-        p, sampler, meter, state = self.progress, self.sampler, self.meter, self.state
-        sampler.set_epoch(p.epoch, p.samples_in_epoch)
+        p, source, meter, state = self.progress, self.source, self.meter, self.state
         for hook in self.callbacks.on_epoch_start:
             hook(state)
-        remaining = len(sampler)
-        batches = iter(self.loader) if remaining else None
+        loader_iter, remaining = source.begin_epoch(p.epoch, p.samples_in_epoch)
+        batches = self.feed.feed(loader_iter) if loader_iter is not None else None
         consumed = 0
         # loop invariants, looked up once per epoch rather than once per step (the budget is ~20 us per step)
         iter_size, order, on_iteration_end = self.s.iter_size, self.order, self.callbacks.on_iteration_end
         step_scheduler = self.s.schedule_on_iter and self.scheduler is not None
-        while consumed < remaining:
-            window = min(iter_size, remaining - consumed)
-            self.run_iteration(batches, window)
+        run_iteration = self.run_closure_iteration if self.closure else self.run_iteration
+        while remaining is None or consumed < remaining:
+            if remaining is None:  # a DataLoader without a length: look ahead to know the window
+                window_batches = [b for _, b in zip(range(iter_size), batches)]
+                window = len(window_batches)
+                if window == 0:
+                    break
+                run_iteration(iter(window_batches), window)
+            else:
+                window = min(iter_size, remaining - consumed)
+                run_iteration(batches, window)
             consumed += window
             begin = p.samples_in_epoch
-            end = p.samples_in_epoch = sampler.position_after(consumed)
+            end = p.samples_in_epoch = source.position_after(consumed)
             p.iteration += 1
             meter.iterations += 1
-            meter.samples += end - begin
+            meter.samples += source.samples_between(begin, end)
             if order is not None:
-                order.add(f"{p.iteration}\t{p.epoch}\t{begin}\t{end}\t{sampler.order_digest(begin, end)}")
+                order.add(f"{p.iteration}\t{p.epoch}\t{begin}\t{end}\t{source.digest(begin, end)}")
             if step_scheduler:
                 self.scheduler.step(self.global_last_loss()) if self.plateau else self.scheduler.step()
             for hook in on_iteration_end:
@@ -239,13 +262,14 @@ class Engine(Checkpointing):
             self.after_iteration()
             if self.done():
                 return
-        if remaining == 0:  # resumed exactly at an epoch's end
+        if remaining is None or remaining == 0:  # the loader ran dry, or we resumed exactly at an epoch's end
             self.end_epoch()
 
     def run_iteration(self, batches, window: int) -> None:
         """One optimizer step. Under DDP every micro-batch but the last runs forward *and* backward in no_sync():
         one gradient all-reduce per step (wrapping only backward still syncs, a common bug)."""
-        model, meter, device, ddp = self.forward_model, self.meter, self.device, self.ddp
+        model, meter, ddp = self.forward_model, self.meter, self.ddp
+        autocast, scaler = self.precision.context(), self.precision.scaler
         clock = time.perf_counter
         losses = meter.losses
         first = len(losses)
@@ -254,15 +278,17 @@ class Engine(Checkpointing):
             t0 = clock()
             batch = next(batches)
             waited += clock() - t0
-            if self.move:
-                batch = move_to_device(batch, device)
             if ddp is not None and m < window - 1:
                 with ddp.no_sync():
-                    loss = extract_loss(call_model(model, batch))
-                    (loss / window).backward()
+                    with autocast:
+                        loss = extract_loss(call_model(model, batch))
+                    scaled = loss / window
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
             else:
-                loss = extract_loss(call_model(model, batch))
-                (loss / window if window > 1 else loss).backward()
+                with autocast:
+                    loss = extract_loss(call_model(model, batch))
+                scaled = loss / window if window > 1 else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             losses.append(loss.detach())
         meter.data_wait += waited
         self._last_losses = losses[first:]
@@ -272,8 +298,79 @@ class Engine(Checkpointing):
             self._epoch_loss_count += window
         for hook in self.callbacks.on_after_backward:
             hook(self.state)
-        self.optimizer.step()
+        self.optimizer_step()
+
+    def optimizer_step(self) -> None:
+        if self._skip_reason is not None:
+            self._skip_reason = None
+            self.meter.skipped += 1
+            del self.meter.losses[len(self.meter.losses) - len(self._last_losses):]  # not in the window's mean
+            if self.precision.scaler is not None and self._unscaled:
+                self.precision.scaler.update()  # unscale_ was called: the scaler must be told the step is over
+        elif self.precision.scaler is not None:
+            self.precision.scaler.step(self.optimizer)
+            self.precision.scaler.update()
+        else:
+            self.optimizer.step()
+        self._unscaled = False
         self.optimizer.zero_grad(set_to_none=True)
+
+    def run_closure_iteration(self, batches, window: int) -> None:
+        """One step of an optimizer that re-evaluates the loss itself (LBFGS): ``optimizer.step(closure)``, the
+        closure running forward and backward on the same batch. No accumulation (iter_size is 1)."""
+        t0 = time.perf_counter()
+        batch = next(batches)
+        self.meter.data_wait += time.perf_counter() - t0
+        first: list = []
+
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.precision.context():
+                loss = extract_loss(call_model(self.forward_model, batch))
+            loss.backward()
+            if not first:
+                first.append(loss.detach())
+                self._last_losses = first
+            for hook in self.callbacks.on_after_backward:
+                hook(self.state)
+            if self._skip_reason is not None:  # no gradient: the optimizer sees a flat point and stops
+                self.optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        self.optimizer.step(closure)
+        self.meter.losses.append(first[0])
+        if self._skip_reason is not None:
+            self.optimizer_step()  # only counts the skip and clears it: the gradient was zero
+            return
+        if self.plateau and not self.s.schedule_on_iter:
+            self._epoch_loss_sum += first[0].double()
+            self._epoch_loss_count += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- levers for callbacks (through TrainState) ------------------------------------------------------------------
+    def unscale_gradients(self) -> None:
+        scaler = self.precision.scaler
+        if scaler is not None and not self._unscaled and not self.closure:
+            scaler.unscale_(self.optimizer)
+            self._unscaled = True
+
+    def skip_step(self, reason: str) -> None:
+        self._skip_reason = reason
+
+    def loss_is_finite(self) -> bool:
+        """Whether the current iteration's loss is finite on every rank (a host sync; a collective under DDP)."""
+        ok = torch.isfinite(torch.stack(self._last_losses)).all()
+        if not self.distributed:
+            return bool(ok)
+        t = ok.to(self.comm_device, torch.int32)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return bool(t)
+
+    def log_value(self, name: str, value) -> None:
+        values = self.meter.values.get(name)
+        if values is None:
+            values = self.meter.values[name] = []
+        values.append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
 
     def end_epoch(self) -> None:
         p = self.progress
@@ -337,20 +434,28 @@ class Engine(Checkpointing):
         m, p = self.meter, self.progress
         window = max(now - m.started, 1e-9)
         local = torch.stack(m.losses).double().sum() if m.losses else 0.0
-        loss_sum, count, data_wait = self.reduce_sum(local, len(m.losses), m.data_wait)  # the window's one sync
+        names = sorted(m.values)  # the same callbacks, hence the same names, on every rank
+        means = [torch.stack(m.values[n]).double().mean().cpu() for n in names]
+        loss_sum, count, data_wait, *values = self.reduce_sum(local, len(m.losses), m.data_wait, *means)  # one sync
         loss = loss_sum / count if count else float("nan")
         data_wait /= self.env.world_size
+        values = {n: v / self.env.world_size for n, v in zip(names, values)}
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         elapsed = now - self.t_start
         done_here = p.iteration - self.start_iteration
         total = self.total_iters
-        eta = elapsed / done_here * (total - p.iteration) if done_here else float("nan")
+        eta = elapsed / done_here * (total - p.iteration) if done_here and total is not None else float("nan")
         row = {"iteration": p.iteration, "total": total, "epoch": round(self.epoch_fraction(), 4), "loss": loss,
                "lr": lrs, "samples_per_s": m.samples / window, "data_wait": data_wait / window,
-               "elapsed_s": elapsed, "eta_s": eta}
-        line = (f"iter {p.iteration}/{total} | epoch {row['epoch']:.2f} | loss {loss:.4g} | lr {format_lrs(lrs)} | "
-                f"{row['samples_per_s']:.1f} samples/s | data {row['data_wait']:.0%} | "
+               "elapsed_s": elapsed, "eta_s": eta, **values}
+        line = (f"iter {p.iteration}/{total if total is not None else '?'} | epoch {row['epoch']:.2f} | "
+                f"loss {loss:.4g} | lr {format_lrs(lrs)} | "
+                + "".join(f"{n} {v:.4g} | " for n, v in values.items())
+                + f"{row['samples_per_s']:.1f} samples/s | data {row['data_wait']:.0%} | "
                 f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}")
+        if m.skipped:
+            row["skipped_steps"] = m.skipped
+            line += f" | skipped {m.skipped} non-finite"
         if self.s.display_gpu:
             mem = gpu_memory_fields(self.device, warn=not self._gpu_warned)
             self._gpu_warned = True

@@ -3,6 +3,9 @@
 Events, in loop order: ``on_train_start``, ``on_epoch_start``, ``on_after_backward`` (gradients of the whole
 iteration are ready, before ``optimizer.step``), ``on_iteration_end``, ``on_epoch_end``, ``on_snapshot``,
 ``on_train_end``. A callback with ``state_dict`` / ``load_state_dict`` is saved in and restored from snapshots.
+
+Built-in behaviours (gradient clipping, stop criteria, the non-finite guard) are callbacks too: see
+:mod:`pixelz_dist.callbacks`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ EVENTS = ("on_train_start", "on_epoch_start", "on_after_backward", "on_iteration
 
 class Callback:
     """Base class: override the events you need. Each receives the :class:`TrainState` (``on_snapshot`` also the
-    path written)."""
+    path written).
+
+    Set ``changes_dataset = True`` on a callback that changes the dataset in ``on_epoch_start`` (a curriculum):
+    DataLoader workers are then restarted each epoch so that they see the change (persistent workers keep a copy).
+    A dataset with a ``set_epoch(epoch)`` method gets it called before each epoch, with the same effect.
+    """
+
+    changes_dataset = False
 
     def on_train_start(self, state): ...
 
@@ -52,8 +62,13 @@ class TrainState:
     loss = property(lambda self: self._engine.last_loss,
                     doc="mean loss of the last iteration as a detached tensor (reading it with .item() syncs)")
     lrs = property(lambda self: [g["lr"] for g in self._engine.optimizer.param_groups])
+    dataset = property(lambda self: self._engine.dataset, doc="what was passed as dataset (or the DataLoader)")
     snapshot_prefix = property(lambda self: self._engine.snapshot_prefix)
-    last_snapshot_path = property(lambda self: self._engine.last_snapshot_path)
+    last_snapshot_path = property(lambda self: self._engine.last_snapshot_path,
+                                  doc="the snapshot written or resumed from most recently (None before any)")
+    last_snapshot_iteration = property(lambda self: self._engine.last_snapshot_iteration)
+    last_snapshot_seconds = property(lambda self: self._engine.last_snapshot_seconds,
+                                     doc="how long writing the last snapshot took here (None before any)")
 
     def global_loss(self) -> float:
         """Mean loss of the last iteration over all ranks (a collective: every rank must call it), as a float."""
@@ -66,6 +81,25 @@ class TrainState:
     def request_snapshot(self) -> None:
         """Write a snapshot after the current iteration."""
         self.snapshot_requested = True
+
+    # -- levers for on_after_backward (gradients of the iteration are ready, the step has not happened) ------------
+    def unscale_gradients(self) -> None:
+        """With ``amp="fp16"``, divide the gradients by the loss scale now (once per step; no-op otherwise), so
+        they can be measured or clipped in their true units."""
+        self._engine.unscale_gradients()
+
+    def skip_step(self, reason: str = "skipped by a callback") -> None:
+        """Do not apply this iteration's gradients (the weights stay; the data is consumed; counted in the log)."""
+        self._engine.skip_step(reason)
+
+    def loss_is_finite(self) -> bool:
+        """Whether this iteration's loss is finite on every rank (a host sync; a collective: all ranks call it)."""
+        return self._engine.loss_is_finite()
+
+    def log_value(self, name: str, value) -> None:
+        """Add a value (tensor or number) to the log line and the metrics file: its mean over the display window
+        and the ranks. Stays on the device until the line is written. Every rank must log the same names."""
+        self._engine.log_value(name, value)
 
 
 class CallbackList:
@@ -83,6 +117,7 @@ class CallbackList:
                         if getattr(type(cb), event, None) is not getattr(Callback, event)
                         and callable(getattr(cb, event, None))]
             setattr(self, event, handlers)
+        self.changes_dataset = any(getattr(cb, "changes_dataset", False) for cb in self.callbacks)
 
     def keys(self) -> list[str]:
         return [f"{i}:{type(cb).__qualname__}" for i, cb in enumerate(self.callbacks)]

@@ -109,8 +109,9 @@ class WindowMeter:
         self.data_wait = 0.0
         self.samples = 0
         self.iterations = 0
+        self.skipped = 0
+        self.values: dict = {}  # name -> tensors logged by callbacks (e.g. grad_norm), averaged at display
         self.started = now
-
 
 
 def gpu_memory_fields(device, warn: bool = True) -> dict:

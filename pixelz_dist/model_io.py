@@ -7,19 +7,6 @@ from collections.abc import Mapping
 import torch
 
 
-def move_to_device(batch, device: torch.device, non_blocking: bool = True):
-    """Tensors in (nested) tuples, lists and dicts go to ``device``; everything else is left alone."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_to_device(v, device, non_blocking) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device, non_blocking) for v in batch)
-    return batch
-
-
 def call_model(model, batch):
     """``model(*batch)`` for a tuple or list, ``model(**batch)`` for a dict, ``model(batch)`` otherwise."""
     if isinstance(batch, (tuple, list)):

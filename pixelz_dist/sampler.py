@@ -56,10 +56,12 @@ class ResumableBatchSampler:
         seed: the run's seed; the permutation of epoch ``e`` is seeded by ``mix_seed(seed, e)``.
         rank, world_size: this process's shard.
         drop_last: drop a short final global batch.
+        with_seeds: yield :class:`BatchKey` (seed + indices) for :class:`~pixelz_dist.seeding.SeededDataset`, as
+            train_model does; False yields plain index lists, for use as a ``DataLoader``'s ``batch_sampler``.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False):
+                 world_size: int = 1, drop_last: bool = False, with_seeds: bool = True):
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -67,6 +69,7 @@ class ResumableBatchSampler:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.drop_last = bool(drop_last)
+        self.with_seeds = bool(with_seeds)
         self.global_batch = self.batch_size * self.world_size
         self.epoch = 0
         self.start = 0
@@ -126,6 +129,10 @@ class ResumableBatchSampler:
         gb = self.global_batch
         h = _mix(_mix(_MIX_START, self.seed), self.epoch)  # mix_seed(seed, epoch, x) == _mix(h, x) >> 1, per epoch
         positions = range(self.start, self.start + len(self) * gb, gb)
+        if not self.with_seeds:
+            for p in positions:
+                yield self.shard(order[p:p + gb])[1].tolist()
+            return
         if self.world_size == 1:  # the whole global batch is this rank's: no shard() call per batch
             for p in positions:
                 yield BatchKey(_mix(h, p) >> 1, order[p:p + gb].tolist())

@@ -41,6 +41,18 @@ class RunSettings:
     backend: str | None = None
     dist_timeout: float | None = None
     ddp_kwargs: dict | None = None
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    stop_loss_below: float | None = None
+    stop_patience: int | None = None
+    stop_min_delta: float = 0.0
+    time_budget: float | None = None
+    on_nonfinite: str | None = None
+    amp: str | None = None
+    channels_last: bool = False
+    compile: Any = False
+    closure: bool = False
+    prefetch: bool = True
 
 
 def apply_legacy_names(func_name: str, given: dict, legacy: dict, accepted: list[str]) -> dict:
@@ -113,6 +125,30 @@ def check_settings(values: dict) -> RunSettings:
         problems.append(f"dist_timeout must be a positive number of seconds, got {v['dist_timeout']!r}")
     if not _is_int(v["seed"]):
         problems.append(f"seed must be an integer, got {v['seed']!r}")
+    for name in ("clip_grad_norm", "clip_grad_value", "time_budget"):
+        x = v.get(name)
+        if x is not None and not (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+                                  and x > 0):
+            problems.append(f"{name} must be a positive number or None, got {x!r}")
+    x = v.get("stop_loss_below")
+    if x is not None and not (isinstance(x, numbers.Real) and not isinstance(x, bool)):
+        problems.append(f"stop_loss_below must be a number or None, got {x!r}")
+    if v.get("stop_patience") is not None and (not _is_int(v["stop_patience"]) or v["stop_patience"] < 1):
+        problems.append(f"stop_patience must be an integer >= 1 (iterations) or None, got {v['stop_patience']!r}")
+    if v.get("on_nonfinite") not in (None, "raise", "skip"):
+        problems.append(f"on_nonfinite must be None, 'raise' or 'skip', got {v['on_nonfinite']!r}")
+    if v.get("amp") not in (None, "bf16", "fp16"):
+        problems.append(f"amp must be None, 'bf16' or 'fp16', got {v['amp']!r}")
+    if not isinstance(v.get("compile", False), (bool, dict)):
+        problems.append(f"compile must be True/False or a dict of torch.compile arguments, got {v['compile']!r}")
+    if v.get("closure"):
+        if v["iter_size"] != 1:
+            problems.append(f"the optimizer needs a closure (LBFGS), which re-evaluates the loss on one batch: "
+                            f"gradient accumulation is not possible with it, but iter_size={v['iter_size']!r}; "
+                            "set iter_size=1 (and a larger batch_size)")
+        if v.get("amp") == "fp16":
+            problems.append("amp='fp16' needs a GradScaler, which does not support closure optimizers (LBFGS); "
+                            "use amp='bf16' or None")
     if problems:
         raise ConfigError("invalid training arguments:\n  - " + "\n  - ".join(problems))
     if v["num_iters"] is not None and interval is not None:

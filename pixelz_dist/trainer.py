@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+from torch.utils.data import DataLoader
+
+from .callbacks import GradientClipping, NonFiniteGuard, StopOnLoss, TimeBudget
 from .dist import process_group
 from .engine import Engine
 from .errors import ConfigError, DataError
@@ -15,7 +19,10 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 num_epochs=None, iter_size=1, display_iter=20, snapshot_interval=None, load_snapshot_path=None,
                 restore_dataloader=True, display_gpu=False, schedule_on_iter=False, *, seed=0, num_workers=None,
                 keep_last=None, callbacks=(), strict_load=True, drop_last=False, seed_data=None, log_prefix=None,
-                collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, **legacy_kwargs):
+                collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
+                clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
+                on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
+                **legacy_kwargs):
     """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
 
     An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
@@ -37,7 +44,9 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         optimizer: any ``torch.optim.Optimizer`` (see :func:`make_param_groups` for per-parameter learning rates).
         scheduler: an LR scheduler or None; stepped once per epoch, or per iteration with ``schedule_on_iter``.
             ``ReduceLROnPlateau`` is stepped with the mean training loss of that epoch / iteration.
-        dataset: a map-style dataset (``__len__`` and ``__getitem__``).
+        dataset: a map-style dataset (``__len__`` and ``__getitem__``), or a ``DataLoader`` you built (then you own
+            sampling: ``batch_size`` must be None or the loader's, and shuffle / num_workers / collate_fn /
+            drop_last / seed_data stay at their defaults; see the README for what resumes exactly).
         batch_size: samples per micro-batch.
         shuffle: a new permutation each epoch, a pure function of (seed, epoch).
         snapshot_prefix: snapshots are written to ``{snapshot_prefix}_iter_{N}.pt``; metrics to
@@ -70,6 +79,20 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         dist_timeout: seconds before a collective waiting on a hung peer fails (default 600, or
             ``PIXELZ_DIST_TIMEOUT``).
         ddp_kwargs: extra arguments for ``DistributedDataParallel`` (e.g. ``find_unused_parameters=True``).
+        clip_grad_norm / clip_grad_value: clip the iteration's gradients (after accumulation, DDP's all-reduce and
+            fp16 unscaling) by total norm / element value before the step; the pre-clip norm is logged as grad_norm.
+        stop_loss_below: stop once the smoothed training loss is below this.
+        stop_patience / stop_min_delta: stop after ``stop_patience`` iterations without the smoothed training loss
+            improving by ``stop_min_delta``.
+        time_budget: seconds; stop with a final snapshot before they are spent (counted from this call).
+        on_nonfinite: None (no check, no sync), ``"raise"`` (error naming the iteration and the last good snapshot)
+            or ``"skip"`` (drop the step, count it in the log) on a NaN / infinite loss.
+        amp: None, ``"bf16"`` or ``"fp16"`` (autocast around forward; fp16 with a GradScaler saved in snapshots).
+        channels_last: convert the model and 4-D float inputs to channels_last (faster convolutions on GPUs).
+        compile: ``torch.compile`` what the loop calls (True, or a dict of torch.compile arguments); snapshots and the
+            return value are still the plain module.
+        closure: the optimizer needs ``step(closure)`` (None: detected for ``torch.optim.LBFGS``); needs iter_size=1.
+        prefetch: on CUDA, copy the next batch to the GPU on a side stream during the current step.
 
     Returns:
         The trained model.
@@ -86,10 +109,13 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
     given = dict(snapshot_prefix=snapshot_prefix, snapshot_interval=snapshot_interval)
     accepted = list(inspect.signature(train_model).parameters)[:-1]
     given = apply_legacy_names("train_model", given, legacy_kwargs, accepted)
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise ConfigError(f"dataset must be a map-style dataset (with __len__ and __getitem__), got "
-                          f"{type(dataset).__name__}. HINT: iterable datasets and DataLoaders are not supported yet.")
-    if len(dataset) == 0:
+    if isinstance(dataset, DataLoader):
+        batch_size = check_user_loader(dataset, batch_size, shuffle=shuffle, num_workers=num_workers,
+                                       collate_fn=collate_fn, drop_last=drop_last, seed_data=seed_data)
+    elif not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ConfigError(f"dataset must be a map-style dataset (with __len__ and __getitem__) or a DataLoader, got "
+                          f"{type(dataset).__name__}. HINT: wrap an iterable dataset in a DataLoader.")
+    elif len(dataset) == 0:
         raise DataError(f"the dataset ({type(dataset).__name__}) is empty: nothing to train on. HINT: check the "
                         "folders or the filter that built it.")
     settings = check_settings(dict(
@@ -99,7 +125,40 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         restore_dataloader=restore_dataloader, display_gpu=display_gpu, schedule_on_iter=schedule_on_iter, seed=seed,
         num_workers=num_workers, keep_last=keep_last, strict_load=strict_load, drop_last=drop_last,
         seed_data=seed_data, log_prefix=log_prefix, collate_fn=collate_fn, sync_bn=sync_bn, backend=backend,
-        dist_timeout=dist_timeout, ddp_kwargs=ddp_kwargs))
+        dist_timeout=dist_timeout, ddp_kwargs=ddp_kwargs, clip_grad_norm=clip_grad_norm,
+        clip_grad_value=clip_grad_value, stop_loss_below=stop_loss_below, stop_patience=stop_patience,
+        stop_min_delta=stop_min_delta, time_budget=time_budget, on_nonfinite=on_nonfinite, amp=amp,
+        channels_last=channels_last, compile=compile, prefetch=prefetch,
+        closure=isinstance(optimizer, torch.optim.LBFGS) if closure is None else bool(closure)))
     ensure_handler()
     with process_group(backend=backend, timeout_s=dist_timeout) as env, rank_logging(env.rank, env.world_size):
-        return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()
+        return Engine(model, optimizer, scheduler, dataset, settings, builtin_callbacks(settings) + list(callbacks or
+                                                                                                      ())).run()
+
+
+def builtin_callbacks(s) -> list:
+    """What the keyword arguments ask for, in the order they must run before the step: the guard, then clipping."""
+    cbs = []
+    if s.on_nonfinite is not None:
+        cbs.append(NonFiniteGuard(s.on_nonfinite))
+    if s.clip_grad_norm is not None or s.clip_grad_value is not None:
+        cbs.append(GradientClipping(max_norm=s.clip_grad_norm, max_value=s.clip_grad_value))
+    if s.stop_loss_below is not None or s.stop_patience is not None:
+        cbs.append(StopOnLoss(threshold=s.stop_loss_below, patience=s.stop_patience, min_delta=s.stop_min_delta))
+    if s.time_budget is not None:
+        cbs.append(TimeBudget(s.time_budget))
+    return cbs
+
+
+def check_user_loader(loader: DataLoader, batch_size, **defaults_only) -> int:
+    """A DataLoader decides its own sampling: the arguments that would do it here must be left alone."""
+    expected = {"shuffle": False, "num_workers": None, "collate_fn": None, "drop_last": False, "seed_data": None}
+    clashing = [f"{k}={v!r}" for k, v in defaults_only.items() if v != expected[k]]
+    size = loader.batch_size
+    if batch_size is not None and batch_size != size:
+        clashing.append(f"batch_size={batch_size!r} (the DataLoader's is {size!r})")
+    if clashing:
+        raise ConfigError(f"dataset is a DataLoader, which already decides its sampling, batching and workers, but "
+                          f"train_model also got {', '.join(clashing)}. HINT: set these on the DataLoader and pass "
+                          "batch_size=None.")
+    return size or 1

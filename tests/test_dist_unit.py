@@ -6,6 +6,7 @@ from torch import nn
 
 from pixelz_dist import dist
 from pixelz_dist.dist import DistEnv, convert_sync_batchnorm, plan_devices, read_env, revert_sync_batchnorm
+from pixelz_dist.errors import ConfigError
 
 
 def test_read_env_defaults_and_torchrun_values():
@@ -22,7 +23,8 @@ def test_plan_single_process_keeps_the_users_device():
     assert plan.device == torch.device("cpu") and plan.backend is None and not plan.sync_bn and not plan.pin_memory
 
 
-def test_plan_under_torchrun_with_gpus_uses_nccl_local_rank_syncbn_and_pinned_memory():
+def test_plan_under_torchrun_with_gpus_uses_nccl_local_rank_syncbn_and_pinned_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # the device query only
     env = DistEnv(rank=5, local_rank=1, world_size=8, local_world_size=4)
     plan = plan_devices(env, torch.device("cpu"), sync_bn=True, has_batchnorm=True, cuda_available=True)
     assert plan.device == torch.device("cuda", 1) and plan.backend == "nccl"
@@ -30,6 +32,13 @@ def test_plan_under_torchrun_with_gpus_uses_nccl_local_rank_syncbn_and_pinned_me
     assert not plan_devices(env, torch.device("cpu"), sync_bn=False, has_batchnorm=True, cuda_available=True).sync_bn
     assert not plan_devices(env, torch.device("cpu"), sync_bn=True, has_batchnorm=False, cuda_available=True).sync_bn
     assert plan_devices(env, torch.device("cpu"), True, True, cuda_available=True, backend="gloo").backend == "gloo"
+
+
+def test_more_local_processes_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    env = DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 but this node has 1 visible GPU.*--nproc_per_node=1"):
+        plan_devices(env, torch.device("cpu"), sync_bn=True, has_batchnorm=True, cuda_available=True)
 
 
 def test_plan_on_cpu_uses_gloo_and_warns_that_syncbn_is_impossible(caplog):

@@ -89,6 +89,28 @@ def test_two_processes_equal_one_process_with_the_same_global_batch_and_sync_onc
         "s_iter_3.pt", "s_iter_6.pt", "s_metrics.jsonl", "s_order.tsv"]
 
 
+@pytest.mark.parametrize("amp", [None, "fp16"])
+def test_gradient_clipping_under_ddp_clips_the_all_reduced_gradient(tmp_path, amp):
+    """Clipping per rank before the all-reduce (or before unscaling) would give other weights and norms."""
+    # small targets: small gradients, so fp16's GradScaler (2**16) never overflows and never skips a step
+    cfg = dict(num_iters=6, iter_size=2, interval=6, y_scale=0.01, train_kwargs={"clip_grad_norm": 0.01, "amp": amp})
+    runs = {}
+    for name, nproc, batch in (("two", 2, 2), ("one", 1, 4)):
+        out = tmp_path / name
+        out.mkdir()
+        proc = (torchrun if nproc == 2 else lambda c: python_job(c))({**cfg, "prefix": str(out / "s"),
+                                                                      "batch_size": batch})
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(line) for line in open(out / "s_metrics.jsonl")]
+        runs[name] = (final(str(out / "s")), [r["grad_norm"] for r in rows])
+    (a, norms_a), (b, norms_b) = runs["two"], runs["one"]
+    tol = dict(rtol=1e-5, atol=1e-6) if amp is None else dict(rtol=5e-2, atol=5e-3)  # fp16 rounding
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], **tol)
+    torch.testing.assert_close(torch.tensor(norms_a), torch.tensor(norms_b), **tol)
+    assert 0.01 < min(norms_a) and max(norms_a) < 10  # every step clipped; measured after unscaling (not x 2**16)
+
+
 def test_train_model_called_three_times_in_one_torchrun_job(tmp_path):
     """Each call makes and ends its own process group; a reused key space would make the second one fail."""
     proc = torchrun({"prefix": str(tmp_path / "s"), "num_iters": 3, "repeat": 3})

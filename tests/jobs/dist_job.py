@@ -6,7 +6,8 @@ after that iteration on the first attempt only), raise_rank / raise_at (the data
 sleep per iteration), ready_at (write out/ready after that iteration), count_allreduce (record gradient all-reduces),
 pid_file (write out/pid<RANK> at the start),
 user_group (create the process group before train_model), repeat (train_model calls in one process),
-hang_rank / hang_at (that rank sleeps for a minute there), timeout (dist_timeout).
+hang_rank / hang_at (that rank sleeps for a minute there), timeout (dist_timeout),
+y_scale (of the targets), train_kwargs (more train_model keyword arguments).
 """
 
 import json
@@ -26,10 +27,10 @@ from pixelz_dist.demo import DemoDataset, TinySegNet
 class IndexedData(Dataset):
     """Deterministic regression data that also returns the sample index, so each rank can record what it saw."""
 
-    def __init__(self, n, raise_at=None):
+    def __init__(self, n, raise_at=None, y_scale=1.0):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 8, generator=g)
-        self.y = self.x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+        self.y = y_scale * (self.x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g))
         self.raise_at = raise_at
 
     def __len__(self):
@@ -95,7 +96,7 @@ def main():
     if cfg.get("model", "mlp") == "mlp":
         model = MLP(cfg.get("dropout", 0.0))
         raise_at = cfg.get("raise_at") if cfg.get("raise_rank") == rank else None
-        dataset = IndexedData(cfg.get("n", 48), raise_at)
+        dataset = IndexedData(cfg.get("n", 48), raise_at, cfg.get("y_scale", 1.0))
     else:
         model = TinySegNet(width=6, dropout=0.3)
         dataset = DemoDataset(cfg["data"])
@@ -130,7 +131,8 @@ def run(cfg, model, optimizer, scheduler, dataset, probe):
                        snapshot_prefix=cfg.get("prefix"), num_iters=cfg.get("num_iters"),
                        num_epochs=cfg.get("num_epochs"), iter_size=cfg.get("iter_size", 1), display_iter=2,
                        snapshot_interval=cfg.get("interval"), load_snapshot_path=cfg.get("resume"), seed=5,
-                       num_workers=cfg.get("workers", 0), callbacks=[probe], dist_timeout=cfg.get("timeout", 60))
+                       num_workers=cfg.get("workers", 0), callbacks=[probe], dist_timeout=cfg.get("timeout", 60),
+                       **cfg.get("train_kwargs", {}))
 
 
 if __name__ == "__main__":

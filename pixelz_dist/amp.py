@@ -1,0 +1,44 @@
+"""Mixed precision: which autocast the forward runs under, and the GradScaler that fp16 needs."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """``amp=None | "bf16" | "fp16"`` for one device. ``context()`` wraps the forward (and the loss computed in it);
+    backward runs outside it, as torch recommends. fp16 gets a GradScaler, whose state goes into snapshots."""
+
+    def __init__(self, amp: str | None, device: torch.device):
+        self.amp = amp
+        self.scaler = None
+        if amp is None:
+            self._context = contextlib.nullcontext()
+            return
+        dtype = DTYPES[amp]
+        if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"amp='bf16' on {torch.cuda.get_device_name(device)}, which has no bfloat16 support. "
+                              "HINT: use amp='fp16' on this GPU.")
+        self.device_type = device.type
+        self.dtype = dtype
+        self._context = None
+        if amp == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type)
+
+    def context(self):
+        if self._context is not None:
+            return self._context
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

@@ -1,0 +1,66 @@
+"""The CUDA paths: side-stream prefetch, AMP, channels_last, memory display, nccl, exact resume with CUDA RNG.
+
+Skipped on machines without a GPU (CI has none); run on a GPU machine with ``pytest tests/test_gpu.py``.
+"""
+
+import json
+
+import pytest
+import torch
+
+from pixelz_dist import train_model
+from pixelz_dist.demo import DemoDataset, TinySegNet
+from pixelz_dist.snapshot import list_snapshots, load_snapshot
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+
+
+def demo_run(root, prefix=None, n=12, resume=None, **kw):
+    torch.manual_seed(0)
+    model = TinySegNet(width=8, dropout=0.2).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)
+    return train_model(model, opt, sched, DemoDataset(root), 4, shuffle=True, num_iters=n, display_iter=3,
+                       snapshot_prefix=prefix, load_snapshot_path=resume, num_workers=2, **kw)
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_side_stream_prefetch_gives_the_same_weights_as_plain_copies(demo_root):
+    with_prefetch = params(demo_run(demo_root, prefetch=True))
+    without = params(demo_run(demo_root, prefetch=False))
+    for p, q in zip(with_prefetch, without):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_channels_last_and_clipping_train_on_the_gpu(demo_root, tmp_path, amp):
+    prefix = str(tmp_path / "s")
+    model = demo_run(demo_root, prefix, amp=amp, channels_last=True, clip_grad_norm=1.0, display_gpu=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    rows = [json.loads(line) for line in open(f"{prefix}_metrics.jsonl")]
+    assert all(r["gpu_allocated_mib"] > 0 and r["gpu_peak_mib"] >= r["gpu_allocated_mib"] for r in rows)
+    assert all("grad_norm" in r for r in rows)
+    snap = load_snapshot(list_snapshots(prefix)[0][1])
+    assert (snap["grad_scaler"] is not None) == (amp == "fp16")
+
+
+def test_resume_on_the_gpu_is_bitwise_identical(demo_root, tmp_path):
+    straight = params(demo_run(demo_root, str(tmp_path / "a"), n=12))
+    demo_run(demo_root, str(tmp_path / "b"), n=5)
+    resumed = params(demo_run(demo_root, str(tmp_path / "b"), n=12, resume="auto"))
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+
+
+def test_compile_on_the_gpu(demo_root):
+    model = demo_run(demo_root, n=4, compile=True, amp="bf16")
+    assert type(model) is TinySegNet
