@@ -75,6 +75,8 @@ class GradientClipping(Callback):
         self.max_norm, self.max_value, self.norm_type = max_norm, max_value, float(norm_type)
 
     def on_after_backward(self, state):
+        if state.step_skipped:
+            return
         state.unscale_gradients()
         params = [p for p in state.model.parameters() if p.grad is not None]
         if not params:
@@ -158,8 +160,9 @@ class TimeBudget(Callback):
     """Stops cleanly, with a final snapshot, before ``seconds`` of training are spent (e.g. a SLURM time limit).
 
     It stops when the time used, plus the longest iteration seen so far, plus the time the last snapshot took (or an
-    estimate before the first), plus ``margin`` would pass the budget. The budget counts from the start of
-    ``train_model`` in this process (a resumed run gets a fresh budget).
+    estimate before the first), plus ``margin`` would pass the budget. The budget counts from the creation of the
+    callback: for ``train_model(time_budget=...)``, from the call, set-up and resume included (a resumed run gets a
+    fresh budget).
     """
 
     def __init__(self, seconds: float, margin: float | None = None):
@@ -173,7 +176,7 @@ class TimeBudget(Callback):
         self.snapshot_seconds: float | None = None
 
     def on_train_start(self, state):
-        self.started = self.last = time.monotonic()
+        self.last = time.monotonic()
 
     def on_iteration_end(self, state):
         now = time.monotonic()

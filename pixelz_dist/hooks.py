@@ -88,6 +88,11 @@ class TrainState:
         they can be measured or clipped in their true units."""
         self._engine.unscale_gradients()
 
+    @property
+    def step_skipped(self) -> bool:
+        """Whether a callback already asked to skip this iteration's step."""
+        return self._engine._skip_reason is not None
+
     def skip_step(self, reason: str = "skipped by a callback") -> None:
         """Do not apply this iteration's gradients (the weights stay; the data is consumed; counted in the log)."""
         self._engine.skip_step(reason)

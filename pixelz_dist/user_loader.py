@@ -143,8 +143,8 @@ class UserLoaderSource:
     def samples_between(self, begin: int, end: int) -> int:
         return (end - begin) * self.global_batch
 
-    def digest(self, begin: int, end: int) -> None:
-        return None
+    def digest(self, begin: int, end: int) -> str:
+        return "-"  # the user's sampler decides which samples: only their positions are recorded
 
     def batches_left(self, start: int) -> int | None:
         return None if self.length is None else max(self.length - start, 0)

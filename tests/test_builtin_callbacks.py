@@ -130,7 +130,7 @@ def test_time_budget_stops_before_the_budget_with_a_snapshot_that_resumes_exactl
     budget = 1.5
     t0 = time.perf_counter()
     run(str(tmp_path / "a"), 10_000, time_budget=budget)
-    assert time.perf_counter() - t0 < budget + 0.5  # the set-up before the loop is not counted; nearly all is
+    assert time.perf_counter() - t0 < budget + 0.3  # set-up, iterations, final snapshot fit; + worker shutdown
     (k, _), = list_snapshots(str(tmp_path / "a"))
     assert 5 < k < 10_000
     resumed = run(str(tmp_path / "a"), k + 7, load_snapshot_path="auto")
