@@ -22,7 +22,7 @@ def test_demo_trains_writes_snapshots_and_resumes(tmp_path):
     demo = str(tmp_path / "demo")
     prefix = str(tmp_path / "snaps" / "demo")
     args = [sys.executable, "-m", "pixelz_dist.train", "--demo", "--demo-dir", demo, "--snapshot-prefix", prefix,
-            "--batch-size", "8", "--iter-size", "2", "--workers", "0"]
+            "--batch-size", "8", "--iter-size", "2", "--workers", "0", "--display-iter", "5"]
     first = run(args + ["--epochs", "2", "--snapshot-interval", "1"])
     assert first.returncode == 0, first.stderr
     assert "iter 5/8" in first.stderr and "samples/s" in first.stderr
