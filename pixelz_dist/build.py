@@ -11,8 +11,10 @@ Schedulers: ``step`` (``--step-size``, ``--gamma``), ``multistep`` (``--mileston
 from __future__ import annotations
 
 import math
+import random
 from argparse import Namespace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,10 +31,14 @@ def _is_dataset(obj) -> bool:
 def build_dataset_and_model(opts: Namespace):
     """``(model, dataset)``: the demo's, or the ``--model`` factory's and the ``--data`` / ``--dataset`` one.
 
+    torch's, numpy's and Python's global RNGs are seeded with ``--seed`` first, so the initial weights and the
+    training loop's own random draws (dropout) are the same in every run with that seed.
+
     Raises:
         ConfigError: a factory that does not resolve or returns the wrong kind of object.
         DataError: folders that are missing, empty or do not pair up.
     """
+    seed_everything(opts.seed)
     if opts.demo:
         from .demo import build_demo
 
@@ -49,6 +55,12 @@ def build_dataset_and_model(opts: Namespace):
     model = call_factory(opts.model, "--model", opts.model_arg, lambda m: isinstance(m, nn.Module),
                          "a torch.nn.Module")
     return model, dataset
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def build_optimizer(model: nn.Module, opts: Namespace, lr: float | None = None) -> torch.optim.Optimizer:
