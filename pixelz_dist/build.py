@@ -43,6 +43,8 @@ def build_dataset_and_model(opts: Namespace):
         from .demo import build_demo
 
         return build_demo(opts.demo_dir, num_samples=opts.demo_samples, seed=opts.seed)
+    model = call_factory(opts.model, "--model", opts.model_arg, lambda m: isinstance(m, nn.Module),
+                         "a torch.nn.Module")
     if opts.dataset:
         dataset = call_factory(opts.dataset, "--dataset", opts.dataset_arg, _is_dataset,
                                "a map-style dataset (with __len__ and __getitem__)")
@@ -52,8 +54,6 @@ def build_dataset_and_model(opts: Namespace):
         from .data import MultiImgsDataset
 
         dataset = MultiImgsDataset(opts.data, v2.ToDtype(torch.float32, scale=True), modes=opts.modes)
-    model = call_factory(opts.model, "--model", opts.model_arg, lambda m: isinstance(m, nn.Module),
-                         "a torch.nn.Module")
     return model, dataset
 
 
