@@ -58,6 +58,8 @@ class ProgressBar(Callback):
             self.bar.set_postfix(loss=f"{float(state.loss):.4g}", refresh=False)
 
     def on_train_end(self, state):
+        if self.bar is not None and state.loss is not None:
+            self.bar.set_postfix(loss=f"{float(state.loss):.4g}", refresh=False)  # the final loss stays on screen
         self.close()
 
     def close(self) -> None:
