@@ -28,8 +28,9 @@ pixelz_slurm_run() {
     # forwards it to its workers because of --signals-to-handle (a plain torchrun dies on USR1 and orphans them).
     preempted=0
     interrupted=0
+    srun_pid=""
     trap 'preempted=1; interrupted=1; echo "pixelz: preemption warning (USR1), forwarding it to the trainers"; \
-          kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
+          if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi' USR1
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
         "$python" -m torch.distributed.run \
         --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$nproc" \
