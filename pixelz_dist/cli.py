@@ -53,7 +53,7 @@ class _Formatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         default = getattr(action, "pixelz_default", None)
         text = action.help or ""
-        if default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+        if default is not None and default is not False and default != argparse.SUPPRESS and "default" not in text:
             text += f" (default: {default})"
         return text
 
