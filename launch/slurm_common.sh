@@ -29,9 +29,13 @@ pixelz_slurm_run() {
     preempted=0
     interrupted=0
     srun_pid=""
+    # SLURM 22.05 changed srun to no longer take --cpus-per-task from sbatch's SLURM_CPUS_PER_TASK: pass it, so
+    # that where cgroups confine steps torchrun and its workers keep the task's CPUs. The DataLoader cap reads it.
+    local cpus=()
+    if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
     trap 'preempted=1; interrupted=1; echo "pixelz: preemption warning (USR1), forwarding it to the trainers"; \
           if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi' USR1
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    srun --ntasks-per-node=1 ${cpus[@]+"${cpus[@]}"} --kill-on-bad-exit=1 \
         "$python" -m torch.distributed.run \
         --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$nproc" \
         --rdzv_backend=c10d --rdzv_endpoint="$head_node:$port" --rdzv_id="$SLURM_JOB_ID" \

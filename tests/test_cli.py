@@ -87,6 +87,8 @@ def test_config_file_then_command_line(tmp_path, capsys):
     model_cfg = write(tmp_path, 'model = "m:f"\ndata = ["x"]\nmodes = ["RGB"]\n', "m.toml")
     o = cli.parse("train", ["--config", model_cfg, "--demo"])  # --demo drops the file's model, data and modes
     assert o.demo and o.model is None and o.data is None and o.modes is None
+    o = cli.parse("train", ["--config", write(tmp_path, "demo = true\nbatch-size = 5\n", "dash.toml")])
+    assert o.batch_size == 5  # a key may also be written with dashes, as on the command line
 
 
 def test_config_file_errors(tmp_path, capsys):

@@ -59,6 +59,11 @@ def slurm(tmp_path_factory):
     assert start.returncode == 0, start.stdout + start.stderr
     env.update(SLURM_CONF=os.path.join(folder, "slurm.conf"), PYTHON=sys.executable, NPROC="2",
                OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(TESTS, "jobs"))
+    # A first job waits for the scheduler's first pass; take that wait here, so the tests' jobs start at once.
+    warm = subprocess.run(["sbatch", "--parsable", f"--output={folder}/warm.out", "--wrap=true"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert warm.returncode == 0, warm.stderr
+    wait_job(env, warm.stdout.strip(), None, timeout=120)
     yield env
     subprocess.run([os.path.join(LOCAL_SLURM, "stop.sh"), folder], env=env, timeout=60)
 
@@ -89,7 +94,8 @@ def wait_job(env, job_id, out, timeout=300) -> int:
         state, code = job_state(env, job_id)
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             return code
-        assert time.time() < deadline, f"job {job_id} still {state}: " + (out.read_text() if out.exists() else "")
+        assert time.time() < deadline, f"job {job_id} still {state}: " + (out.read_text() if out and out.exists()
+                                                                          else "")
         time.sleep(0.5)
 
 
