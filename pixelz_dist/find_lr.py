@@ -1,87 +1,63 @@
-"""``python -m pixelz_dist.find_lr``: the learning-rate finder from the command line (thin: parse, build, find, print).
+"""``python -m pixelz_dist.find_lr`` (also ``pixelz-find-lr``): the learning-rate finder from the command line.
 
-The model, data and optimizer options are the training command's, so the suggestion is for the run you will start.
-The suggestion goes to stdout; progress (one line per run, or a bar on a terminal with tqdm) to stderr.
+The model, data and optimizer options (and ``--config`` files) are the training command's, so the suggestion is for
+the run you will start; training-only keys of a config file are ignored. The suggestion goes to stdout; progress
+(one line per run, or a bar on a terminal) to stderr.
 
 Examples::
 
     python -m pixelz_dist.find_lr --demo                                  # 15 runs of 20 iterations, a few seconds
     python -m pixelz_dist.find_lr --demo --method sweep --plot lr.png     # one rising-rate run, and a plot
+    python -m pixelz_dist.find_lr --config run.toml --method sweep        # the training run's model, data, optimizer
     torchrun --nproc_per_node=2 -m pixelz_dist.find_lr --demo --batch-size 4
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import types
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .cli import add_data_args, add_demo_args, add_run_args, build_demo_job, require_demo, setup_logging
-from .dist import read_env
+from . import cli
 from .errors import PixelzError
 from .log import logger
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pixelz_dist.find_lr",
-                                description="Find a learning rate for training with pixelz_dist.")
-    add_demo_args(p)
-    add_data_args(p)
-    add_run_args(p)
-    p.add_argument("--method", choices=("runs", "sweep"), default="runs",
-                   help="runs: one short run per rate, each from the same start (default); sweep: one run with the "
-                        "rate rising every iteration (about --num-runs times cheaper)")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--max-lr", type=float, default=10.0)
-    p.add_argument("--num-runs", type=int, default=15, help="runs: rates tried, spaced exponentially (default 15)")
-    p.add_argument("--iter-per-run", type=int, default=20, help="runs: iterations per rate (default 20)")
-    p.add_argument("--num-iters", type=int, default=100, help="sweep: its length in iterations (default 100)")
-    p.add_argument("--divergence-factor", type=float, default=4.0,
-                   help="a loss above this times the reference counts as diverged (default 4)")
-    p.add_argument("--stop-on-divergence", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip the larger rates once a run diverged (default: yes)")
-    p.add_argument("--resume", metavar="PATH", help="start every run from this snapshot (weights, optimizer and data "
-                   "position)")
-    p.add_argument("--restore-dataloader", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --resume: start at the snapshot's sample (default) or at the next epoch")
-    p.add_argument("--result-file", help="the .npz written (plus a .json beside it); default: "
-                   "DEMO_DIR/lr_finder/results.npz")
-    p.add_argument("--plot", metavar="PNG", help="also draw the curve to this file (needs matplotlib)")
-    return p
-
-
 @record  # under torchrun, the failing rank's traceback is shown in the job summary
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    require_demo(parser, args, "find_lr")
-    setup_logging()
+    opts = cli.parse("find_lr", argv)
+    cli.setup_logging()
+    from .build import build_dataset_and_model, build_optimizer
+    from .config import save_config
+    from .dist import read_env
     from .lr_finder import find_lr
 
-    # The finder sets every rate itself; starting the optimizer at min_lr keeps the old tool's convention.
-    model, dataset, optimizer, demo_dir = build_demo_job(args, lr=args.min_lr)
-    torch.manual_seed(args.seed)  # dropout draws from the global RNG: the same --seed gives the same curve
-    result_file = args.result_file or os.path.join(demo_dir, "lr_finder", "results.npz")
+    is_main = read_env().is_main
     try:
-        model = find_lr(model, optimizer, dataset, args.batch_size, shuffle=args.shuffle, iter_size=args.iter_size,
-                        load_snapshot_path=args.resume, restore_dataloader=args.restore_dataloader,
-                        min_lr=args.min_lr, max_lr=args.max_lr, iter_per_run=args.iter_per_run,
-                        num_runs=args.num_runs, result_file=result_file, method=args.method,
-                        num_iters=args.num_iters, divergence_factor=args.divergence_factor,
-                        stop_on_divergence=args.stop_on_divergence, seed=args.seed, num_workers=args.workers)
+        model, dataset = build_dataset_and_model(opts)
+        optimizer = build_optimizer(model, opts)
+        torch.manual_seed(opts.seed)  # dropout draws from the global RNG: the same --seed gives the same curve
+        if is_main:
+            stem = opts.result_file[:-4] if opts.result_file.endswith(".npz") else opts.result_file
+            save_config(f"{stem}_config.toml", cli.config_values(opts),
+                        "python -m pixelz_dist.find_lr --config THIS_FILE repeats the search")
+        model = find_lr(model, optimizer, dataset, opts.batch_size, shuffle=opts.shuffle, iter_size=opts.iter_size,
+                        load_snapshot_path=opts.resume, restore_dataloader=opts.restore_dataloader,
+                        min_lr=opts.min_lr, max_lr=opts.max_lr, iter_per_run=opts.iter_per_run,
+                        num_runs=opts.num_runs, result_file=opts.result_file, method=opts.method,
+                        num_iters=opts.num_iters, divergence_factor=opts.divergence_factor,
+                        stop_on_divergence=opts.stop_on_divergence, seed=opts.seed, num_workers=opts.workers)
     except PixelzError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = model.lr_finder_result
-    if not read_env().is_main:
+    if not is_main:
         return 0
-    if args.plot:
+    if opts.plot:
         try:
-            logger.info("lr finder: plot written to %s", result.plot(args.plot))
+            logger.info("lr finder: plot written to %s", result.plot(opts.plot))
         except ImportError as e:
             logger.warning("%s", e)
     if result.suggestion is None:

@@ -31,6 +31,7 @@ def test_demo_prints_the_suggestion_writes_files_and_logs_each_run(tmp_path):
     printed = proc.stdout.strip().splitlines()[-1]
     assert printed.startswith("suggested lr: ")
     summary = json.loads((tmp_path / "out" / "lr.json").read_text())
+    assert 'method = "runs"' in (tmp_path / "out" / "lr_config.toml").read_text()  # the search, repeatable
     assert float(printed.split(": ")[1]) == pytest.approx(summary["suggestion"], rel=1e-2)
     with np.load(result_file, allow_pickle=False) as z:
         assert str(z["method"]) == "runs" and z["losses"].shape == (5, 4)

@@ -1,16 +1,19 @@
-"""The main job: `python -m pixelz_dist.train --demo` and the same under torchrun, with snapshots and resume."""
+"""`python -m pixelz_dist.train` end to end, in fresh processes: the demo, snapshots and resume, a configuration
+saved beside the snapshots that repeats the run, TensorBoard, and one-line errors with exit code 2."""
 
 import os
 import subprocess
 import sys
 
-from conftest import DIST_VARS
+import torch
+
+from conftest import DIST_VARS, TESTS
 from pixelz_dist.snapshot import list_snapshots, load_snapshot
 
 
 def clean_env():
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(TESTS, "jobs"))
     return env
 
 
@@ -18,37 +21,61 @@ def run(cmd, timeout=180):
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def train(*args, timeout=180):
+    return run([sys.executable, "-m", "pixelz_dist.train", *args], timeout=timeout)
+
+
 def test_demo_trains_writes_snapshots_and_resumes(tmp_path):
     demo = str(tmp_path / "demo")
     prefix = str(tmp_path / "snaps" / "demo")
-    args = [sys.executable, "-m", "pixelz_dist.train", "--demo", "--demo-dir", demo, "--snapshot-prefix", prefix,
-            "--batch-size", "8", "--iter-size", "2", "--workers", "0"]
-    first = run(args + ["--epochs", "2", "--snapshot-interval", "1"])
+    args = ["--demo", "--demo-dir", demo, "--snapshot-prefix", prefix, "--batch-size", "8", "--iter-size", "2",
+            "--workers", "0", "--display-iter", "5"]
+    first = train(*args, "--epochs", "2", "--snapshot-interval", "1")
     assert first.returncode == 0, first.stderr
     assert "iter 5/8" in first.stderr and "samples/s" in first.stderr
+    assert "\r" not in first.stderr and "it/s" not in first.stderr  # not a terminal: log lines, no progress bar
     assert [it for it, _ in list_snapshots(prefix)] == [8, 4]
     assert sorted(os.listdir(demo)) == ["hint", "mask", "rgb"]
-    second = run(args + ["--epochs", "3", "--resume", "auto"])
+    second = train(*args, "--epochs", "3", "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stderr and "iteration 8" in second.stderr
     assert load_snapshot(list_snapshots(prefix)[0][1])["progress"]["epoch"] == 3
 
 
-def test_demo_errors_are_one_line_with_exit_code_2(tmp_path):
-    bad = run([sys.executable, "-m", "pixelz_dist.train", "--demo", "--demo-dir", str(tmp_path / "d"),
-               "--iters", "3", "--resume", str(tmp_path / "nothing.pt")])
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: snapshot")
-    assert "Traceback" not in bad.stderr
-    usage = run([sys.executable, "-m", "pixelz_dist.train"])
-    assert usage.returncode == 2 and "--demo" in usage.stderr
-
-
-def test_demo_under_torchrun_one_process(tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch, beside python
-    prefix = str(tmp_path / "snaps" / "demo")
-    proc = run([torchrun, "--nproc_per_node=1", "--master_port=0", "-m", "pixelz_dist.train", "--demo",
-                "--demo-dir", str(tmp_path / "demo"), "--iters", "6", "--snapshot-prefix", prefix])
+def test_the_saved_configuration_repeats_the_run_bit_for_bit(tmp_path):
+    first = str(tmp_path / "a" / "snap")
+    tb = tmp_path / "tb"
+    proc = train("--model", "pixelz_dist.demo:TinySegNet", "--model-arg", "width=4", "--dataset", "slow_data:make",
+                 "--dataset-arg", f"root={str(tmp_path / 'data')!r}", "--dataset-arg", "delay=0", "--iters", "6",
+                 "--batch-size", "4", "--optimizer", "adamw", "--param-lr", "head=0.02", "--scheduler", "onecycle",
+                 "--workers", "0", "--seed", "7", "--snapshot-prefix", first, "--display-iter", "2",
+                 "--tensorboard", str(tb))
     assert proc.returncode == 0, proc.stderr
-    assert "iter 5/6" in proc.stderr
-    assert [it for it, _ in list_snapshots(prefix)] == [6]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
+    config = first + "_config.toml"
+    text = open(config).read()
+    assert 'scheduler = "onecycle"' in text and "schedule_on_iter = true" in text and '"head" = 0.02' in text
+    again = train("--config", config, "--snapshot-prefix", str(tmp_path / "b" / "snap"), "--tensorboard",
+                  str(tmp_path / "tb2"))
+    assert again.returncode == 0, again.stderr
+    a = load_snapshot(list_snapshots(first)[0][1])
+    b = load_snapshot(list_snapshots(str(tmp_path / "b" / "snap"))[0][1])
+    assert a["progress"] == b["progress"] and a["scheduler"] == b["scheduler"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path):
+    for args, expected in [
+        (["--demo", "--demo-dir", str(tmp_path / "d"), "--iters", "3", "--resume", str(tmp_path / "nothing.pt")],
+         "error: --resume"),
+        (["--model", "no_such_pkg.nets:unet", "--dataset", "slow_data:make", "--iters", "1"],
+         "error: --model 'no_such_pkg.nets:unet': cannot import module 'no_such_pkg.nets'"),
+        (["--model", "pixelz_dist.demo:TinySegNet", "--dataset", "slow_data:make", "--iters", "1"],
+         "error: --dataset 'slow_data:make' cannot be called with {}"),
+        ([], "error: no model: pass --model package.module:factory (or --demo)"),
+    ]:
+        bad = train(*args)
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.strip().splitlines()[-1].startswith(expected), bad.stderr
+        assert "Traceback" not in bad.stderr

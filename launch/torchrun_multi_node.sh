@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Train with pixelz_dist on several machines: run this script once on every node, with the same variables.
+#
+#   NNODES=2 HEAD_ADDR=node01 JOB_ID=exp6 launch/torchrun_multi_node.sh --config run.toml   # on node01 and node02
+#   NNODES=1 HEAD_ADDR=localhost NPROC=2 launch/torchrun_multi_node.sh --demo               # a one-node try-out
+#
+# Variables:
+#   NNODES     number of nodes (default: SLURM_JOB_NUM_NODES, else required)
+#   HEAD_ADDR  address of the node that hosts the c10d rendezvous, reachable from every node (default: MASTER_ADDR,
+#              else required)
+#   PORT       rendezvous port on HEAD_ADDR (default: 29500)
+#   JOB_ID     rendezvous id, the same on every node and unique per job (default: SLURM_JOB_ID, else required)
+#   NPROC      processes per node (default: the number of GPUs torch sees, at least 1)
+#   PYTHON     the Python that has pixelz_dist installed (default: python)
+#   MODULE     what to run (default: pixelz_dist.train; pixelz_dist.find_lr for the learning-rate finder)
+#   MAX_RESTARTS  torchrun's elastic restarts after a worker failure (default 0)
+set -euo pipefail
+
+nnodes="${NNODES:-${SLURM_JOB_NUM_NODES:?set NNODES, the number of nodes}}"
+head_addr="${HEAD_ADDR:-${MASTER_ADDR:?set HEAD_ADDR, the address of the first node}}"
+job_id="${JOB_ID:-${SLURM_JOB_ID:?set JOB_ID, an id shared by all nodes of this job}}"
+python="${PYTHON:-python}"
+nproc="${NPROC:-$("$python" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
+exec "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc" \
+    --rdzv_backend=c10d --rdzv_endpoint="$head_addr:${PORT:-29500}" --rdzv_id="$job_id" \
+    --max-restarts="${MAX_RESTARTS:-0}" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    -m "${MODULE:-pixelz_dist.train}" "$@"

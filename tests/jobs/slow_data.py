@@ -1,0 +1,25 @@
+"""A ``--dataset`` factory for the command-line and SLURM tests: the demo's files, each sample ``delay`` s slower,
+so that a job runs long enough to be signalled mid-run."""
+
+import time
+
+from pixelz_dist.demo import DemoDataset, make_demo_dataset
+
+
+class SlowDemo(DemoDataset):
+    def __init__(self, root, delay):
+        super().__init__(root)
+        self.delay = delay
+
+    def __getitem__(self, index):
+        time.sleep(self.delay)
+        return super().__getitem__(index)
+
+
+def make(root: str, num_samples: int = 16, delay: float = 0.02) -> SlowDemo:
+    make_demo_dataset(root, num_samples=num_samples, size=16, seed=1)
+    return SlowDemo(root, delay)
+
+
+def not_a_dataset():
+    return 42

@@ -1,0 +1,57 @@
+"""launch/: every script passes shellcheck; the torchrun scripts train the demo with 2 CPU processes (gloo).
+
+The SLURM scripts run on a real SLURM in test_slurm.py.
+"""
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DIST_VARS, TESTS
+from pixelz_dist.snapshot import list_snapshots
+
+LAUNCH = os.path.join(os.path.dirname(TESTS), "launch")
+SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
+                 + glob.glob(os.path.join(LAUNCH, "local_slurm", "*.sh")))
+
+
+def test_every_script_is_shellcheck_clean_and_documented():
+    assert len(SCRIPTS) >= 7
+    for script in SCRIPTS:
+        text = open(script).read()
+        assert text.startswith("#!/usr/bin/env bash\n#"), script  # a header comment says how to use it
+        if not script.endswith("slurm_common.sh"):  # sourced: the sourcing script sets the options
+            assert "set -euo pipefail" in text, script
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], capture_output=True, text=True, cwd=os.path.dirname(LAUNCH))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def run_script(name, tmp_path, **env):
+    environ = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    environ.update(PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1", **env)
+    prefix = str(tmp_path / "snap")
+    proc = subprocess.run([os.path.join(LAUNCH, name), "--demo", "--demo-dir", str(tmp_path / "demo"),
+                           "--demo-samples", "32", "--iters", "4", "--workers", "0", "--snapshot-prefix", prefix],
+                          env=environ, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 processes" in proc.stderr
+    assert [it for it, _ in list_snapshots(prefix)] == [4]
+
+
+def test_torchrun_single_node_runs_nproc_processes(tmp_path):
+    run_script("torchrun_single_node.sh", tmp_path)
+
+
+def test_torchrun_multi_node_with_one_node_on_localhost(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_script("torchrun_multi_node.sh", tmp_path, NNODES="1", HEAD_ADDR="localhost", PORT=str(port),
+               JOB_ID="test-job")
