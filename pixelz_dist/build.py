@@ -57,6 +57,27 @@ def build_dataset_and_model(opts: Namespace):
     return model, dataset
 
 
+def place_model(model: nn.Module, device: str) -> torch.device:
+    """Move the model to ``--device`` (auto: a GPU when there is one). Under torchrun the trainer itself puts each
+    process on the GPU of its LOCAL_RANK, so the model is left where it is."""
+    from .dist import read_env
+    from .errors import ConfigError
+
+    if read_env().is_distributed:
+        return torch.device("cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from e
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but torch sees no CUDA GPU here (torch {torch.__version__}); use "
+                          "--device cpu or auto")
+    model.to(target)
+    return target
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -44,7 +44,34 @@ TRAIN_MODEL_OPTIONS = (
     ("--display-iter", "display_iter", dict(type=int, default=20, help="iterations between log lines")),
     ("--display-gpu", "display_gpu", dict(action=argparse.BooleanOptionalAction, default=False,
                                           help="add GPU memory to the log lines")),
+    ("--stop-loss-below", "stop_loss_below", dict(type=float, metavar="LOSS",
+                                                  help="stop once the smoothed training loss is below LOSS")),
+    ("--stop-patience", "stop_patience", dict(type=int, metavar="N", help="stop after N iterations without a new "
+                                              "best smoothed training loss")),
+    ("--stop-min-delta", "stop_min_delta", dict(type=float, default=0.0,
+                                                help="the improvement that counts for --stop-patience")),
+    ("--time-budget", "time_budget", dict(type=float, metavar="SECONDS", help="stop with a final snapshot before "
+                                          "SECONDS are spent (e.g. a little under the SLURM time limit)")),
+    ("--on-nonfinite", "on_nonfinite", dict(choices=("raise", "skip"), help="on a NaN / inf loss: stop with an "
+                                            "error naming the iteration, or skip the step (default: no check)")),
 )
+
+# train_model keywords that both commands pass through (find_lr through its train_kwargs): the finder must measure
+# the step that training will run.
+STEP_OPTIONS = (
+    ("--amp", "amp", dict(choices=("bf16", "fp16"), help="mixed precision: autocast around forward (fp16 with a "
+                          "GradScaler)")),
+    ("--channels-last", "channels_last", dict(action=argparse.BooleanOptionalAction, default=False,
+                                              help="model and 4-D inputs in channels_last (conv nets on GPUs)")),
+    ("--compile", "compile", dict(action=argparse.BooleanOptionalAction, default=False, help="torch.compile")),
+    ("--clip-grad-norm", "clip_grad_norm", dict(type=float, metavar="MAX", help="clip the gradients' total norm")),
+    ("--clip-grad-value", "clip_grad_value", dict(type=float, metavar="MAX", help="clamp each gradient element")),
+)
+
+
+def step_options(opts: argparse.Namespace) -> dict:
+    """The :data:`STEP_OPTIONS` as train_model keywords."""
+    return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in STEP_OPTIONS}
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -100,6 +127,12 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="a new order each epoch")
     g.add_argument("--seed", type=int, default=0, help="data order, augmentation and the demo's initial weights")
     g.add_argument("--workers", type=int, help="DataLoader workers per process (default: automatic)")
+
+    g = p.add_argument_group("device and step")
+    g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N; under "
+                   "torchrun each process takes the GPU of its LOCAL_RANK")
+    for flag, _, kwargs in STEP_OPTIONS:
+        g.add_argument(flag, **kwargs)
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")

@@ -29,7 +29,7 @@ from .log import logger
 def main(argv=None) -> int:
     opts = cli.parse("find_lr", argv)
     cli.setup_logging()
-    from .build import build_dataset_and_model, build_optimizer
+    from .build import build_dataset_and_model, build_optimizer, place_model
     from .config import save_config
     from .dist import read_env
     from .lr_finder import find_lr
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     is_main = read_env().is_main
     try:
         model, dataset = build_dataset_and_model(opts)
+        place_model(model, opts.device)
         optimizer = build_optimizer(model, opts)
         torch.manual_seed(opts.seed)  # dropout draws from the global RNG: the same --seed gives the same curve
         if is_main:
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
                         min_lr=opts.min_lr, max_lr=opts.max_lr, iter_per_run=opts.iter_per_run,
                         num_runs=opts.num_runs, result_file=opts.result_file, method=opts.method,
                         num_iters=opts.num_iters, divergence_factor=opts.divergence_factor,
-                        stop_on_divergence=opts.stop_on_divergence, seed=opts.seed, num_workers=opts.workers)
+                        stop_on_divergence=opts.stop_on_divergence, seed=opts.seed, num_workers=opts.workers,
+                        train_kwargs=cli.step_options(opts))
     except PixelzError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from .log import logger
 def main(argv=None) -> int:
     opts = cli.parse("train", argv)
     cli.setup_logging()
-    from .build import build_dataset_and_model, build_optimizer, build_scheduler
+    from .build import build_dataset_and_model, build_optimizer, build_scheduler, place_model
     from .config import save_config
     from .dist import read_env
     from .trainer import train_model
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     callbacks = []
     try:
         model, dataset = build_dataset_and_model(opts)
+        place_model(model, opts.device)
         optimizer = build_optimizer(model, opts)
         scheduler = build_scheduler(optimizer, opts, len(dataset), env.world_size)
         if opts.tensorboard:
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         train_model(model, optimizer, scheduler, dataset, opts.batch_size, shuffle=opts.shuffle,
                     num_iters=opts.iters, num_epochs=opts.epochs, iter_size=opts.iter_size,
                     load_snapshot_path=opts.resume, schedule_on_iter=opts.schedule_on_iter, seed=opts.seed,
-                    num_workers=opts.workers, callbacks=callbacks, **passed)
+                    num_workers=opts.workers, callbacks=callbacks, **passed, **cli.step_options(opts))
     except PixelzError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

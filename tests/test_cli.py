@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from pixelz_dist import cli
 from pixelz_dist.build import build_dataset_and_model, build_optimizer, build_scheduler
@@ -186,3 +187,26 @@ def test_schedulers(argv, cls, on_iter):
         assert s.T_max == (9 if on_iter else 3)
     if cls == "OneCycleLR":
         assert s.total_steps == 9
+
+
+def test_step_and_stop_options_reach_train_model_and_find_lr():
+    o = cli.parse("train", ["--demo", "--amp", "bf16", "--channels-last", "--clip-grad-norm", "0.5",
+                            "--on-nonfinite", "skip", "--time-budget", "3600", "--stop-patience", "50"])
+    assert cli.step_options(o) == {"amp": "bf16", "channels_last": True, "compile": False, "clip_grad_norm": 0.5,
+                                   "clip_grad_value": None}
+    assert (o.on_nonfinite, o.time_budget, o.stop_patience, o.stop_min_delta, o.device) == ("skip", 3600.0, 50, 0.0,
+                                                                                            "auto")
+    f = cli.parse("find_lr", ["--demo", "--amp", "fp16", "--compile"])
+    assert cli.step_options(f)["amp"] == "fp16" and cli.step_options(f)["compile"] is True
+
+
+def test_device_errors_are_usage_errors(demo_root):
+    from pixelz_dist.build import place_model
+
+    model = build_dataset_and_model(cli.parse("train", ["--demo", "--demo-dir", demo_root]))[0]
+    assert place_model(model, "cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not a device"):
+        place_model(model, "gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            place_model(model, "cuda")

@@ -1,13 +1,17 @@
-"""The CUDA paths: side-stream prefetch, AMP, channels_last, memory display, nccl, exact resume with CUDA RNG.
+"""The CUDA paths: side-stream prefetch, AMP, channels_last, memory display, exact resume with CUDA RNG, the CLI.
 
 Skipped on machines without a GPU (CI has none); run on a GPU machine with ``pytest tests/test_gpu.py``.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import DIST_VARS
 from pixelz_dist import train_model
 from pixelz_dist.demo import DemoDataset, TinySegNet
 from pixelz_dist.snapshot import list_snapshots, load_snapshot
@@ -64,3 +68,12 @@ def test_resume_on_the_gpu_is_bitwise_identical(demo_root, tmp_path):
 def test_compile_on_the_gpu(demo_root):
     model = demo_run(demo_root, n=4, compile=True, amp="bf16")
     assert type(model) is TinySegNet
+
+
+def test_the_command_line_trains_on_the_gpu_by_default(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    cmd = [sys.executable, "-m", "pixelz_dist.train", "--demo", "--demo-dir", str(tmp_path / "demo"), "--iters", "4",
+           "--batch-size", "4", "--amp", "bf16", "--channels-last", "--clip-grad-norm", "1", "--display-gpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on cuda" in proc.stderr and "gpu " in proc.stderr and "grad_norm" in proc.stderr

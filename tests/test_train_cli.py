@@ -42,6 +42,17 @@ def test_demo_trains_writes_snapshots_and_resumes(tmp_path):
     assert load_snapshot(list_snapshots(prefix)[0][1])["progress"]["epoch"] == 3
 
 
+def test_step_options_from_the_command_line_train_and_log(tmp_path):
+    prefix = str(tmp_path / "s")
+    proc = train("--demo", "--demo-dir", str(tmp_path / "demo"), "--iters", "4", "--batch-size", "4", "--workers",
+                 "0", "--display-iter", "2", "--snapshot-prefix", prefix, "--amp", "bf16", "--clip-grad-norm", "0.1",
+                 "--on-nonfinite", "raise", "--stop-loss-below", "1e-9", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "amp bf16" in proc.stderr and "grad_norm" in proc.stderr
+    saved = open(f"{prefix}_config.toml").read()
+    assert 'amp = "bf16"' in saved and "clip_grad_norm = 0.1" in saved
+
+
 def test_the_saved_configuration_repeats_the_run_bit_for_bit(tmp_path):
     first = str(tmp_path / "a" / "snap")
     tb = tmp_path / "tb"
