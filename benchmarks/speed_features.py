@@ -185,7 +185,8 @@ def hand_round(fwd, model, init_state, ds, args, device, amp, channels_last, tot
                 break
 
 
-def engine_round(model, init_state, ds, args, amp, channels_last, compile_, total: int, clock: StepClock) -> None:
+def engine_round(model, init_state, ds, args, amp, channels_last, compile_, total: int, clock: StepClock,
+                 prefetch: bool | None = None) -> None:
     """``train_model`` on the same model object every round (its compile cache is reused, see the docstring)."""
     model.load_state_dict(init_state)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -198,7 +199,8 @@ def engine_round(model, init_state, ds, args, amp, channels_last, compile_, tota
         features["compile"] = True
     pixelz_dist.train_model(model, opt, None, ds, args.batch_size, shuffle=True, num_iters=total,
                             display_iter=args.display_iter, num_workers=args.num_workers, drop_last=True,
-                            seed=args.seed, callbacks=[clock], **features)
+                            seed=args.seed, callbacks=[clock],
+                            prefetch=args.prefetch if prefetch is None else prefetch, **features)
 
 
 def missing_engine_keywords(amp, channels_last, compile_) -> list[str]:
@@ -229,7 +231,7 @@ def run_setting(name: str, args, ds, device) -> dict:
         loops.remove("engine")
 
     # built once per (setting, loop) and reused by every round: the compiled wrapper too
-    hand_model = build_model(args, device, channels_last)
+    hand_model = build_model(args, device, channels_last and args.baseline == "hand")
     hand_fwd = torch.compile(hand_model) if compile_ else hand_model
     init_state = {k: v.detach().clone() for k, v in hand_model.state_dict().items()}
     engine_model = build_model(args, device, False) if "engine" in loops else None  # the engine converts it itself
@@ -247,7 +249,10 @@ def run_setting(name: str, args, ds, device) -> dict:
             sync(device)
             t0 = time.perf_counter()
             try:
-                if loop == "hand":
+                if loop == "hand" and args.baseline == "engine-no-prefetch":  # the engine against itself
+                    engine_round(hand_model, init_state, ds, args, amp, channels_last, compile_, total, clock,
+                                 prefetch=False)
+                elif loop == "hand":
                     hand_round(hand_fwd, hand_model, init_state, ds, args, device, amp, channels_last, total, clock)
                 else:
                     engine_round(engine_model, init_state, ds, args, amp, channels_last, compile_, total, clock)
@@ -286,6 +291,8 @@ def run_setting(name: str, args, ds, device) -> dict:
         "amp": amp,
         "channels_last": channels_last,
         "compile": compile_,
+        "engine_prefetch": args.prefetch,
+        "baseline": args.baseline,
         "hand_samples_per_s": med(h),
         "engine_samples_per_s": med(e),
         "ratio_engine_over_hand": round(statistics.median(e) / statistics.median(h), 4) if e and h else None,
@@ -377,6 +384,12 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader workers of both loops (default 0: batches are collated and pinned in the "
                         "training thread, see the README)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engine's prefetch= (side-stream copy of the next batch on CUDA); --no-prefetch measures "
+                        "what it is worth")
+    p.add_argument("--baseline", choices=("hand", "engine-no-prefetch"), default="hand",
+                   help="what the engine is compared with: the hand loop, or the engine itself with prefetch=False "
+                        "(then the 'hand' fields hold that run)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
