@@ -200,10 +200,11 @@ def test_step_and_stop_options_reach_train_model_and_find_lr():
     assert cli.step_options(f)["amp"] == "fp16" and cli.step_options(f)["compile"] is True
 
 
-def test_device_errors_are_usage_errors(demo_root):
+def test_device_errors_are_usage_errors(tmp_path):
     from pixelz_dist.build import place_model
 
-    model = build_dataset_and_model(cli.parse("train", ["--demo", "--demo-dir", demo_root]))[0]
+    opts = cli.parse("train", ["--demo", "--demo-dir", str(tmp_path), "--demo-samples", "4"])
+    model = build_dataset_and_model(opts)[0]
     assert place_model(model, "cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="not a device"):
         place_model(model, "gpu0")
