@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .errors import ConfigError
@@ -19,7 +17,6 @@ class MixedPrecision:
         self.amp = amp
         self.scaler = None
         if amp is None:
-            self._context = contextlib.nullcontext()
             return
         dtype = DTYPES[amp]
         if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
@@ -27,13 +24,13 @@ class MixedPrecision:
                               "HINT: use amp='fp16' on this GPU.")
         self.device_type = device.type
         self.dtype = dtype
-        self._context = None
         if amp == "fp16":
             self.scaler = torch.amp.GradScaler(device.type)
 
     def context(self):
-        if self._context is not None:
-            return self._context
+        """A fresh autocast context, or None without mixed precision (the loop then calls the model directly)."""
+        if self.amp is None:
+            return None
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def state_dict(self) -> dict | None:

@@ -27,17 +27,18 @@ class DatasetSource:
     def __init__(self, dataset, settings, env, pin_memory: bool, num_workers: int, persistent_workers: bool):
         s = settings
         self.num_samples = len(dataset)
+        seed_data = (not draws_no_random_numbers(dataset)) if s.seed_data is None else s.seed_data
         self.sampler = ResumableBatchSampler(self.num_samples, s.batch_size, shuffle=s.shuffle, seed=s.seed,
-                                             rank=env.rank, world_size=env.world_size, drop_last=s.drop_last)
+                                             rank=env.rank, world_size=env.world_size, drop_last=s.drop_last,
+                                             with_seeds=seed_data)
         if self.sampler.batches_per_epoch() == 0:
             raise DataError(f"the dataset has {self.num_samples} samples, fewer than one global batch of "
                             f"{self.sampler.global_batch}, and drop_last=True leaves nothing to train on. "
                             "HINT: lower batch_size or set drop_last=False.")
-        seed_data = (not draws_no_random_numbers(dataset)) if s.seed_data is None else s.seed_data
         self.num_workers = num_workers
         self.dataset = dataset
         self.drop_last = s.drop_last
-        self.loader = DataLoader(SeededDataset(dataset, seed_data), batch_sampler=self.sampler,
+        self.loader = DataLoader(SeededDataset(dataset) if seed_data else dataset, batch_sampler=self.sampler,
                                  num_workers=num_workers, collate_fn=s.collate_fn, pin_memory=pin_memory,
                                  persistent_workers=persistent_workers and num_workers > 0,
                                  worker_init_fn=ignore_preemption_signals,

@@ -17,6 +17,7 @@ Pseudocode of one run::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -56,6 +57,7 @@ from .settings import RunSettings
 from .user_loader import UserLoaderSource
 
 ORDER_HEADER = "iteration\tepoch\tfrom\tto\tdigest"
+NO_CONTEXT = contextlib.nullcontext()
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -268,34 +270,26 @@ class Engine(Checkpointing):
     def run_iteration(self, batches, window: int) -> None:
         """One optimizer step. Under DDP every micro-batch but the last runs forward *and* backward in no_sync():
         one gradient all-reduce per step (wrapping only backward still syncs, a common bug)."""
-        model, meter, ddp = self.forward_model, self.meter, self.ddp
+        model, ddp = self.forward_model, self.ddp
         autocast, scaler = self.precision.context(), self.precision.scaler
         clock = time.perf_counter
-        losses = meter.losses
-        first = len(losses)
+        losses = []
         waited = 0.0
         for m in range(window):
             t0 = clock()
             batch = next(batches)
             waited += clock() - t0
-            if ddp is not None and m < window - 1:
-                with ddp.no_sync():
+            with ddp.no_sync() if ddp is not None and m < window - 1 else NO_CONTEXT:
+                if autocast is None:
+                    loss = extract_loss(call_model(model, batch))
+                else:
                     with autocast:
                         loss = extract_loss(call_model(model, batch))
-                    scaled = loss / window
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            else:
-                with autocast:
-                    loss = extract_loss(call_model(model, batch))
                 scaled = loss / window if window > 1 else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             losses.append(loss.detach())
-        meter.data_wait += waited
-        self._last_losses = losses[first:]
-        if self.plateau and not self.s.schedule_on_iter:
-            for loss in self._last_losses:
-                self._epoch_loss_sum += loss.double()
-            self._epoch_loss_count += window
+        self.meter.data_wait += waited
+        self._last_losses = losses
         for hook in self.callbacks.on_after_backward:
             hook(self.state)
         self.optimizer_step()
@@ -303,15 +297,20 @@ class Engine(Checkpointing):
     def optimizer_step(self) -> None:
         if self._skip_reason is not None:
             self._skip_reason = None
-            self.meter.skipped += 1
-            del self.meter.losses[len(self.meter.losses) - len(self._last_losses):]  # not in the window's mean
+            self.meter.skipped += 1  # its loss stays out of the window's mean
             if self.precision.scaler is not None and self._unscaled:
                 self.precision.scaler.update()  # unscale_ was called: the scaler must be told the step is over
-        elif self.precision.scaler is not None:
-            self.precision.scaler.step(self.optimizer)
-            self.precision.scaler.update()
         else:
-            self.optimizer.step()
+            self.meter.add_losses(self._last_losses)
+            if self.plateau and not self.s.schedule_on_iter:
+                for loss in self._last_losses:
+                    self._epoch_loss_sum += loss
+                self._epoch_loss_count += len(self._last_losses)
+            if self.precision.scaler is not None:
+                self.precision.scaler.step(self.optimizer)
+                self.precision.scaler.update()
+            else:
+                self.optimizer.step()
         self._unscaled = False
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -325,7 +324,7 @@ class Engine(Checkpointing):
 
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
-            with self.precision.context():
+            with self.precision.context() or NO_CONTEXT:
                 loss = extract_loss(call_model(self.forward_model, batch))
             loss.backward()
             if not first:
@@ -338,12 +337,12 @@ class Engine(Checkpointing):
             return loss
 
         self.optimizer.step(closure)
-        self.meter.losses.append(first[0])
         if self._skip_reason is not None:
             self.optimizer_step()  # only counts the skip and clears it: the gradient was zero
             return
+        self.meter.add_losses(first)
         if self.plateau and not self.s.schedule_on_iter:
-            self._epoch_loss_sum += first[0].double()
+            self._epoch_loss_sum += first[0]
             self._epoch_loss_count += 1
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -367,10 +366,7 @@ class Engine(Checkpointing):
         return bool(t)
 
     def log_value(self, name: str, value) -> None:
-        values = self.meter.values.get(name)
-        if values is None:
-            values = self.meter.values[name] = []
-        values.append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
+        self.meter.add_value(name, value if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
 
     def end_epoch(self) -> None:
         p = self.progress
@@ -433,10 +429,11 @@ class Engine(Checkpointing):
         now = time.perf_counter()
         m, p = self.meter, self.progress
         window = max(now - m.started, 1e-9)
-        local = torch.stack(m.losses).double().sum() if m.losses else 0.0
+        total = m.total_loss()
+        local = total if total is not None else 0.0
         names = sorted(m.values)  # the same callbacks, hence the same names, on every rank
-        means = [torch.stack(m.values[n]).double().mean().cpu() for n in names]
-        loss_sum, count, data_wait, *values = self.reduce_sum(local, len(m.losses), m.data_wait, *means)  # one sync
+        means = [(total / count).cpu() for total, count in (m.values[n] for n in names)]
+        loss_sum, count, data_wait, *values = self.reduce_sum(local, m.loss_count, m.data_wait, *means)  # one sync
         loss = loss_sum / count if count else float("nan")
         data_wait /= self.env.world_size
         values = {n: v / self.env.world_size for n, v in zip(names, values)}

@@ -99,19 +99,52 @@ class AppendFile:
 
 
 class WindowMeter:
-    """Collects one display window: losses stay on the device until the window closes (one host sync per window)."""
+    """Collects one display window. Losses are summed in place into one tensor on the device (one host sync per
+    window, when the line is written). Keeping each step's loss tensor until then instead costs ~3 % of a 1 ms step
+    on CPU (measured: hundreds of small live allocations fragment the heap the step's large buffers come from)."""
 
     def __init__(self):
         self.reset(time.perf_counter())
 
+    PENDING = 16  # losses summed in one go: a few live tensors are harmless, one add per loss is not free
+
     def reset(self, now: float) -> None:
-        self.losses: list = []
+        self.loss_sum = None  # float64 tensor, created by the first add
+        self.loss_count = 0
+        self.pending: list = []
         self.data_wait = 0.0
         self.samples = 0
         self.iterations = 0
         self.skipped = 0
-        self.values: dict = {}  # name -> tensors logged by callbacks (e.g. grad_norm), averaged at display
+        self.values: dict = {}  # name -> [sum tensor, count]: values logged by callbacks (e.g. grad_norm)
         self.started = now
+
+    def add_losses(self, losses: list) -> None:
+        self.pending += losses
+        self.loss_count += len(losses)
+        if len(self.pending) >= self.PENDING:
+            self.total_loss()
+
+    def total_loss(self):
+        """The window's loss sum as a float64 tensor on the device (None before any loss)."""
+        import torch
+
+        if self.pending:
+            part = torch.stack(self.pending).double().sum()
+            self.pending = []
+            if self.loss_sum is None:
+                self.loss_sum = part
+            else:
+                self.loss_sum.add_(part)
+        return self.loss_sum
+
+    def add_value(self, name: str, value) -> None:
+        entry = self.values.get(name)
+        if entry is None:
+            self.values[name] = [value.detach().double(), 1]
+        else:
+            entry[0].add_(value.detach())
+            entry[1] += 1
 
 
 def gpu_memory_fields(device, warn: bool = True) -> dict:

@@ -24,6 +24,8 @@ def extract_loss(output) -> torch.Tensor:
     Raises:
         TypeError: nothing usable came back, naming what did.
     """
+    if type(output) is torch.Tensor and output.ndim == 0:  # the common case, first
+        return output
     if isinstance(output, torch.Tensor):
         loss = output
     elif isinstance(output, Mapping) and "loss" in output:
