@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as tdist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
@@ -280,8 +281,9 @@ class Engine(Checkpointing):
             batch = next(batches)
             waited += clock() - t0
             with ddp.no_sync() if ddp is not None and m < window - 1 else NO_CONTEXT:
-                if autocast is None:
-                    loss = extract_loss(call_model(model, batch))
+                if autocast is None:  # the common case inlined: a collated list in, a scalar tensor out
+                    out = model(*batch) if type(batch) is list else call_model(model, batch)
+                    loss = out if type(out) is Tensor and out.ndim == 0 else extract_loss(out)
                 else:
                     with autocast:
                         loss = extract_loss(call_model(model, batch))

@@ -130,8 +130,12 @@ class ResumableBatchSampler:
         h = _mix(_mix(_MIX_START, self.seed), self.epoch)  # mix_seed(seed, epoch, x) == _mix(h, x) >> 1, per epoch
         positions = range(self.start, self.start + len(self) * gb, gb)
         if not self.with_seeds:
-            for p in positions:
-                yield self.shard(order[p:p + gb])[1].tolist()
+            if self.world_size == 1:
+                for p in positions:
+                    yield order[p:p + gb].tolist()
+            else:
+                for p in positions:
+                    yield self.shard(order[p:p + gb])[1].tolist()
             return
         if self.world_size == 1:  # the whole global batch is this rank's: no shard() call per batch
             for p in positions:
