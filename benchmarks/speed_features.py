@@ -87,6 +87,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_ROOT, "pixelz_dist")):  # measure the checkout this script is in, installed or not
     sys.path.insert(0, _ROOT)
 
+from engine_overhead import cpu_model  # noqa: E402  (beside this script: one copy of the helper)
+
 import pixelz_dist  # noqa: E402
 from pixelz_dist.hooks import Callback  # noqa: E402
 
@@ -338,17 +340,6 @@ def context(args, device, samples: int) -> dict:
         "lr": args.lr,
         "quick": args.quick,
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_dataset(args) -> TensorDataset:
