@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.distributed as tdist
-from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
@@ -281,12 +280,8 @@ class Engine(Checkpointing):
             batch = next(batches)
             waited += clock() - t0
             with ddp.no_sync() if ddp is not None and m < window - 1 else NO_CONTEXT:
-                if autocast is None:  # the common case inlined: a collated list in, a scalar tensor out
-                    out = model(*batch) if type(batch) is list else call_model(model, batch)
-                    loss = out if type(out) is Tensor and out.ndim == 0 else extract_loss(out)
-                else:
-                    with autocast:
-                        loss = extract_loss(call_model(model, batch))
+                with autocast or NO_CONTEXT:
+                    loss = extract_loss(call_model(model, batch))
                 scaled = loss / window if window > 1 else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             losses.append(loss.detach())

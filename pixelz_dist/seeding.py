@@ -36,9 +36,8 @@ class SeededDataset(Dataset):
     training process's own random stream (dropout, ...) is the same as with worker processes.
     """
 
-    def __init__(self, dataset, enabled: bool = True):
+    def __init__(self, dataset):
         self.dataset = dataset
-        self.enabled = enabled
         self._inner_getitems = getattr(dataset, "__getitems__", None)
 
     def __len__(self) -> int:
@@ -55,8 +54,6 @@ class SeededDataset(Dataset):
 
     def __getitems__(self, key: BatchKey):
         seed, indices = key
-        if not self.enabled:
-            return self._fetch(indices)
         if get_worker_info() is not None:
             seed_global_rngs(seed)
             return self._fetch(indices)
