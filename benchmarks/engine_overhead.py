@@ -4,7 +4,10 @@ Both loops train the same tiny MLP (its forward returns its MSE loss) with SGD +
 ``TensorDataset``, both iterating a ``DataLoader`` (``num_workers=0``, shuffled), on one CPU thread. Rounds are
 interleaved (baseline, engine, engine, baseline, ...), each on a fresh model and optimizer built identically; the
 first ``--warmup-rounds`` rounds of each are discarded. A round's time is the wall time of the whole call (DataLoader
-and engine set-up included) divided by its optimizer steps. One JSON line per measurement goes to stdout::
+and engine set-up included) divided by its optimizer steps. Rounds are short (100 steps, a fraction of a second) so
+that neighbouring rounds see the same machine: on a shared virtual machine the speed of both loops drifts by up to 2x
+within minutes, and ``ratio_paired`` (neighbours compared) is then the figure to read. For the engine's work without
+any timing noise, see ``engine_instructions.py``. One JSON line per measurement goes to stdout::
 
     python benchmarks/engine_overhead.py                # full run (about 1.5 minutes here)
     python benchmarks/engine_overhead.py --quick        # smoke run (about 10 s), same output format
@@ -274,6 +277,93 @@ def run_variant(variant: str, args, ds) -> dict:
     return row
 
 
+class AlternatingBaseline(pixelz_dist.Callback):
+    """``--alternate``: after every engine iteration, one step of the hand loop (its own model, optimizer and
+    DataLoader), both timed. Neighbouring steps of the two loops are a millisecond apart, so a machine whose speed
+    drifts within seconds slows both alike; each loop then starts its step with the caches the other left."""
+
+    def __init__(self, args, ds, batch_size: int, iter_size: int):
+        self.model, self.opt = build(args)
+        self.loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0)
+        self.batches = iter(self.loader)
+        self.iter_size = iter_size
+        self.engine_us: list[float] = []
+        self.baseline_us: list[float] = []
+        self.t_end = 0.0
+
+    def next_batch(self):
+        try:
+            return next(self.batches)
+        except StopIteration:  # a new epoch, as the hand loop's `for` would start it
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def on_train_start(self, state):
+        self.t_end = time.perf_counter()
+
+    def on_iteration_end(self, state):
+        t0 = time.perf_counter()
+        self.engine_us.append((t0 - self.t_end) * 1e6)
+        for _ in range(self.iter_size):  # the hand loop's step, as in baseline_loop / baseline_accum_loop
+            x, y = self.next_batch()
+            loss = self.model(x, y)
+            (loss / self.iter_size if self.iter_size > 1 else loss).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        self.baseline_us.append((t1 - t0) * 1e6)
+        self.t_end = time.perf_counter()
+
+
+def run_alternating(variant: str, args, ds) -> dict:
+    """One long engine run with the hand loop's steps in between (``--alternate``)."""
+    iter_size = 4 if variant == "iter4" else 1
+    batch_size = args.batch_size // iter_size
+    configure_logging(with_line=variant == "log")
+    alt = AlternatingBaseline(args, ds, batch_size, iter_size)
+    model, opt = build(args)
+    steps = args.rounds * args.steps
+    gc.collect()
+    tmp = tempfile.mkdtemp(prefix="pixelz_bench_") if variant == "snapshot" else None
+    try:
+        pixelz_dist.train_model(model, opt, None, ds, batch_size=batch_size, shuffle=True, num_iters=steps,
+                                iter_size=iter_size, num_workers=0, display_iter=args.display_iter,
+                                snapshot_prefix=os.path.join(tmp, "snapshot") if tmp else None, callbacks=[alt])
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    skip = args.steps  # the first round's worth of steps is warm-up
+    eng, base = alt.engine_us[skip:], alt.baseline_us[skip:]
+    e_med, b_med = statistics.median(eng), statistics.median(base)
+    e_mean, b_mean = statistics.fmean(eng), statistics.fmean(base)
+    return {
+        "benchmark": "engine_overhead",
+        "method": "alternating steps",
+        "variant": variant,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu",
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "pixelz_dist": pixelz_dist.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "model": f"MLP {args.d_in}-{args.width}-{args.width}-{args.d_out}" if args.model == "mlp" else "null",
+        "batch_size": batch_size,
+        "iter_size": iter_size,
+        "steps_measured": len(eng),
+        "display_iter": args.display_iter,
+        "baseline_median_step_us": round(b_med, 1),
+        "engine_median_step_us": round(e_med, 1),
+        "ratio": round(e_med / b_med, 4),
+        "ratio_mean": round(e_mean / b_mean, 4),
+        "ratio_paired": round(statistics.median(e / b for e, b in zip(eng, base)), 4),
+        "overhead_us_per_step": round(e_med - b_med, 1),
+        "target": TARGET if args.model == "mlp" else None,
+        "within_target": e_med / b_med <= TARGET if args.model == "mlp" else None,
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -290,9 +380,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 60 steps, same output format")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: one core)")
-    p.add_argument("--rounds", type=int, default=None, help="measured rounds of each loop (default 25; quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="measured rounds of each loop (default 40; quick 2)")
     p.add_argument("--warmup-rounds", type=int, default=1, help="rounds of each loop discarded first (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per round (default 200; quick 60)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per round (default 100; quick 60)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per optimizer step (default 64)")
     p.add_argument("--samples", type=int, default=64 * 200, help="dataset size (default 12800)")
     p.add_argument("--model", choices=("mlp", "null"), default="mlp",
@@ -305,11 +395,15 @@ def parse_args(argv=None):
     p.add_argument("--display-iter", type=int, default=50, help="engine's display_iter (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--alternate", action="store_true",
+                   help="one engine run of rounds x steps iterations with a hand-loop step after each, both timed "
+                        "per step (robust to a machine whose speed drifts); ratio = median engine step / median "
+                        "hand step, ratio_mean with every step (displays included)")
     args = p.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 25
+        args.rounds = 2 if args.quick else 40
     if args.steps is None:
-        args.steps = 60 if args.quick else 200
+        args.steps = 60 if args.quick else 100
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -328,7 +422,8 @@ def main(argv=None) -> int:
         os.environ.pop(name, None)
     ds = make_dataset(args)
     for variant in args.variants:
-        print(json.dumps(run_variant(variant, args, ds)), flush=True)
+        run = run_alternating if args.alternate else run_variant
+        print(json.dumps(run(variant, args, ds)), flush=True)
     return 0
 
 

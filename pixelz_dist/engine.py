@@ -114,6 +114,7 @@ class Engine(Checkpointing):
         self.last_snapshot_iteration = -1
         self.last_snapshot_seconds: float | None = None
         self._skip_reason: str | None = None
+        self.bare_micro_batches = False  # no DDP, no autocast: the micro-batch loop runs without context managers
         self._unscaled = False
         log_prefix = (s.log_prefix or s.snapshot_prefix) if env.is_main else None
         self.metrics = AppendFile(f"{log_prefix}_metrics.jsonl") if log_prefix else None
@@ -147,7 +148,8 @@ class Engine(Checkpointing):
 
     @property
     def last_loss(self):
-        return torch.stack(self._last_losses).mean() if self._last_losses else None
+        """Mean loss of the last iteration, detached (the loop keeps the raw losses: a detach each costs time)."""
+        return torch.stack([x.detach() for x in self._last_losses]).mean() if self._last_losses else None
 
     def reduce_sum(self, *values) -> list[float]:
         """Sum float values (or 0-dim tensors) over ranks in one collective; plain floats back."""
@@ -185,6 +187,7 @@ class Engine(Checkpointing):
             if self.s.compile:
                 options = self.s.compile if isinstance(self.s.compile, dict) else {}
                 self.forward_model = torch.compile(self.forward_model, **options)
+            self.bare_micro_batches = self.ddp is None and self.precision.amp is None
             return self.train()
         finally:
             self.ddp, self.forward_model = None, self.model
@@ -237,6 +240,11 @@ class Engine(Checkpointing):
         iter_size, order, on_iteration_end = self.s.iter_size, self.order, self.callbacks.on_iteration_end
         step_scheduler = self.s.schedule_on_iter and self.scheduler is not None
         run_iteration = self.run_closure_iteration if self.closure else self.run_iteration
+        position_after, samples_between = source.position_after, source.samples_between
+        display_iter, preemption = self.s.display_iter, self.preemption
+        # after_iteration has work every step only under torchrun (flags agreed on) or with snapshots (one due?)
+        check_every_step = self.distributed or bool(self.snapshot_prefix)
+        last_iteration = self.s.num_iters if self.s.num_iters is not None else math.inf  # by epochs: the loop ends
         while remaining is None or consumed < remaining:
             if remaining is None:  # a DataLoader without a length: look ahead to know the window
                 window_batches = [b for _, b in zip(range(iter_size), batches)]
@@ -249,10 +257,10 @@ class Engine(Checkpointing):
                 run_iteration(batches, window)
             consumed += window
             begin = p.samples_in_epoch
-            end = p.samples_in_epoch = source.position_after(consumed)
+            end = p.samples_in_epoch = position_after(consumed)
             p.iteration += 1
             meter.iterations += 1
-            meter.samples += source.samples_between(begin, end)
+            meter.samples += samples_between(begin, end)
             if order is not None:
                 order.add(f"{p.iteration}\t{p.epoch}\t{begin}\t{end}\t{source.digest(begin, end)}")
             if step_scheduler:
@@ -261,8 +269,10 @@ class Engine(Checkpointing):
                 hook(state)
             if consumed == remaining:
                 self.end_epoch()
-            self.after_iteration()
-            if self.done():
+            if (check_every_step or p.iteration % display_iter == 0 or state.snapshot_requested
+                    or preemption.received is not None):
+                self.after_iteration()
+            if state.stop_reason is not None or p.iteration >= last_iteration:
                 return
         if remaining is None or remaining == 0:  # the loader ran dry, or we resumed exactly at an epoch's end
             self.end_epoch()
@@ -270,21 +280,30 @@ class Engine(Checkpointing):
     def run_iteration(self, batches, window: int) -> None:
         """One optimizer step. Under DDP every micro-batch but the last runs forward *and* backward in no_sync():
         one gradient all-reduce per step (wrapping only backward still syncs, a common bug)."""
-        model, ddp = self.forward_model, self.ddp
-        autocast, scaler = self.precision.context(), self.precision.scaler
+        model = self.forward_model
         clock = time.perf_counter
         losses = []
         waited = 0.0
-        for m in range(window):
-            t0 = clock()
-            batch = next(batches)
-            waited += clock() - t0
-            with ddp.no_sync() if ddp is not None and m < window - 1 else NO_CONTEXT:
-                with autocast or NO_CONTEXT:
-                    loss = extract_loss(call_model(model, batch))
-                scaled = loss / window if window > 1 else loss
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            losses.append(loss.detach())
+        if self.bare_micro_batches:  # the common case, without the two context managers DDP and autocast need
+            for _ in range(window):
+                t0 = clock()
+                batch = next(batches)
+                waited += clock() - t0
+                loss = extract_loss(call_model(model, batch))
+                (loss / window if window > 1 else loss).backward()
+                losses.append(loss)  # detached when read (last_loss); the meter copies it without its graph
+        else:
+            ddp, autocast, scaler = self.ddp, self.precision.context(), self.precision.scaler
+            for m in range(window):
+                t0 = clock()
+                batch = next(batches)
+                waited += clock() - t0
+                with ddp.no_sync() if ddp is not None and m < window - 1 else NO_CONTEXT:
+                    with autocast or NO_CONTEXT:
+                        loss = extract_loss(call_model(model, batch))
+                    scaled = loss / window if window > 1 else loss
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                losses.append(loss)
         self.meter.data_wait += waited
         self._last_losses = losses
         for hook in self.callbacks.on_after_backward:
@@ -301,7 +320,7 @@ class Engine(Checkpointing):
             self.meter.add_losses(self._last_losses)
             if self.plateau and not self.s.schedule_on_iter:
                 for loss in self._last_losses:
-                    self._epoch_loss_sum += loss
+                    self._epoch_loss_sum += loss.detach()
                 self._epoch_loss_count += len(self._last_losses)
             if self.precision.scaler is not None:
                 self.precision.scaler.step(self.optimizer)
@@ -355,7 +374,7 @@ class Engine(Checkpointing):
 
     def loss_is_finite(self) -> bool:
         """Whether the current iteration's loss is finite on every rank (a host sync; a collective under DDP)."""
-        ok = torch.isfinite(torch.stack(self._last_losses)).all()
+        ok = torch.isfinite(torch.stack([x.detach() for x in self._last_losses])).all()
         if not self.distributed:
             return bool(ok)
         t = ok.to(self.comm_device, torch.int32)

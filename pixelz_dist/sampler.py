@@ -109,7 +109,7 @@ class ResumableBatchSampler:
         """Global samples consumed in the epoch once ``batches`` batches from the start position are done."""
         return min(self.start + batches * self.global_batch, self.num_samples)
 
-    def shard(self, chunk: np.ndarray) -> tuple[int, np.ndarray]:
+    def shard(self, chunk: list) -> tuple[int, list]:
         """This rank's part of one global batch, and its offset in it.
 
         A full global batch gives each rank ``batch_size`` consecutive samples. A short last one is split as evenly
@@ -124,27 +124,24 @@ class ResumableBatchSampler:
         part = chunk[lo:lo + sizes[self.rank]]
         return lo, (part if len(part) else chunk[:1])
 
+    BLOCK = 64  # batches converted to Python ints in one numpy call (one .tolist() per batch costs ~2x more)
+
     def __iter__(self):
         order = self.order(self.epoch)
         gb = self.global_batch
         h = _mix(_mix(_MIX_START, self.seed), self.epoch)  # mix_seed(seed, epoch, x) == _mix(h, x) >> 1, per epoch
-        positions = range(self.start, self.start + len(self) * gb, gb)
-        if not self.with_seeds:
-            if self.world_size == 1:
-                for p in positions:
-                    yield order[p:p + gb].tolist()
-            else:
-                for p in positions:
-                    yield self.shard(order[p:p + gb])[1].tolist()
-            return
-        if self.world_size == 1:  # the whole global batch is this rank's: no shard() call per batch
-            for p in positions:
-                yield BatchKey(_mix(h, p) >> 1, order[p:p + gb].tolist())
-            return
-        for p in positions:
-            offset, part = self.shard(order[p:p + gb])
-            # seeded by the global position of this rank's first sample: ranks draw different augmentations
-            yield BatchKey(_mix(h, p + offset) >> 1, part.tolist())
+        end = self.start + len(self) * gb
+        span = self.BLOCK * gb
+        for block_start in range(self.start, end, span):
+            ids = order[block_start:min(block_start + span, end)].tolist()
+            for p in range(block_start, min(block_start + span, end), gb):
+                lo = p - block_start
+                if self.world_size == 1:  # the whole global batch is this rank's: no shard() call per batch
+                    offset, part = 0, ids[lo:lo + gb]
+                else:
+                    offset, part = self.shard(ids[lo:lo + gb])
+                # seeded by the global position of this rank's first sample: ranks draw different augmentations
+                yield BatchKey(_mix(h, p + offset) >> 1, part) if self.with_seeds else part
 
     def order_digest(self, begin: int, end: int) -> str:
         """A short hash of the global sample indices at positions ``[begin, end)`` of the current epoch."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -248,7 +247,8 @@ def test_scan_images_public_order(tmp_path):
     assert scan_images(a) == ["X1.png", "x9.png", "x10.png"]
 
 
-def test_100k_names_scan_quickly_without_opening(tmp_path, monkeypatch):
+def test_100k_names_scan_without_opening_an_image(tmp_path, monkeypatch):
+    """Construction reads names only (its speed is measured in benchmarks/dataset_scan.py, not asserted here)."""
     n = 50_000  # two folders: 100 000 file names
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -262,12 +262,8 @@ def test_100k_names_scan_quickly_without_opening(tmp_path, monkeypatch):
 
     opened = []
     monkeypatch.setattr(data_mod.Image, "open", no_open)
-    start = time.perf_counter()
     ds = MultiImgsDataset([a, b], loader=opened.append)
-    elapsed = time.perf_counter() - start
     assert len(ds) == n and not opened
-    # about 0.25 s here; the margin absorbs a loaded CI machine
-    assert elapsed < 1.0, f"scanning 100 000 names took {elapsed:.2f} s"
     assert ds.stems[:3] == ["img0", "img1", "img2"] and ds.stems[10] == "img10" and ds.stems[-1] == f"img{n - 1}"
     ds[5]
     assert opened == [os.path.join(a, "img5.png"), os.path.join(b, "img5.jpg")]

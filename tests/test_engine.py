@@ -990,3 +990,30 @@ def test_strict_load_lists_missing_keys_and_can_be_relaxed(tmp_path):
     model, opt = quick(model=WithBuffer(), num_iters=2, load_snapshot_path=f"{prefix}_iter_2.pt", strict_load=False)
     assert opt.steps == 0  # already at iteration 2
     assert torch.equal(model.lin.weight, src.lin.weight)
+
+
+def test_window_meter_sums_every_loss_and_keeps_none_of_them():
+    """The display window's loss: every loss counted (across buffer folds and within one step's list), summed in
+    float64, and no loss tensor or its graph kept alive once its step is recorded."""
+    import weakref
+
+    meter = pixelz_log.WindowMeter()
+    w = torch.ones((), requires_grad=True)
+    expected, refs = 0.0, []
+    for step in range(50):  # 3 losses per step (iter_size=3): 150 losses, folds fall inside a step's list
+        losses = [(w * (3 * step + k + 0.25)).mean() for k in range(3)]
+        for loss in losses:
+            (loss / 3).backward()
+        meter.add_losses(losses)
+        expected += sum(3 * step + k + 0.25 for k in range(3))
+        refs += [weakref.ref(loss) for loss in losses]
+        del losses, loss
+    assert all(r() is None for r in refs)
+    assert meter.loss_count == 150
+    total = meter.total_loss()
+    assert total.dtype == torch.float64 and total.item() == expected
+    assert meter.total_loss().item() == expected  # reading it twice adds nothing
+    meter.reset(0.0)
+    assert meter.total_loss() is None and meter.loss_count == 0
+    meter.add_losses([torch.tensor(1.5), torch.tensor(2.0, dtype=torch.bfloat16)])
+    assert meter.total_loss().item() == 3.5

@@ -98,3 +98,30 @@ def test_a_short_last_global_batch_is_split_evenly_and_padded_only_when_smaller_
     assert tail(14, 3) == [[12], [13], [12]]
     seeds = [list(ResumableBatchSampler(16, 4, rank=r, world_size=2))[0].rng_seed for r in range(2)]
     assert seeds[0] != seeds[1]  # ranks draw different augmentations
+
+
+@pytest.mark.parametrize("world, start, drop_last", [(1, 0, False), (1, 4 * 70 + 8, False), (2, 2 * 3 * 63, True),
+                                                     (3, 3 * 3 * 64 + 3, False)])
+def test_batches_across_conversion_blocks_match_the_order(world, start, drop_last):
+    """The order is turned into Python ints BLOCK batches at a time: batches on both sides of a block's edge, a
+    start inside a block and a short tail must be exactly the slices of the epoch's order, with the same seeds."""
+    n = 1000
+    batch = 4 if world == 1 else 3
+    shards = [ResumableBatchSampler(n, batch, shuffle=True, seed=7, rank=r, world_size=world, drop_last=drop_last)
+              for r in range(world)]
+    assert n // (batch * world) > ResumableBatchSampler.BLOCK  # more than one block
+    order = shards[0].order(2).tolist()
+    gb = batch * world
+    for s in shards:
+        s.set_epoch(2, start)
+        keys = list(s)
+        positions = list(range(start, start + len(s) * gb, gb))
+        assert len(keys) == len(positions) == len(s)
+        for key, p in zip(keys, positions):
+            offset, part = s.shard(order[p:p + gb])
+            assert key.indices == part
+            assert key.rng_seed == mix_seed(7, 2, p + offset)
+    plain = ResumableBatchSampler(n, batch, shuffle=True, seed=7, rank=world - 1, world_size=world,
+                                  drop_last=drop_last, with_seeds=False)
+    plain.set_epoch(2, start)
+    assert list(plain) == [k.indices for k in keys]
