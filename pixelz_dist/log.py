@@ -130,6 +130,8 @@ class WindowMeter:
 
     def add_losses(self, losses: list) -> None:
         """Record the loss tensors of one step (they may still carry their autograd graph; none is kept)."""
+        if not losses:
+            return
         if self._buffer is None:
             dtype = torch.promote_types(losses[0].dtype, torch.float32)
             self._buffer = torch.zeros(self.SLOTS, dtype=dtype, device=losses[0].device)
