@@ -124,7 +124,7 @@ class ResumableBatchSampler:
         part = chunk[lo:lo + sizes[self.rank]]
         return lo, (part if len(part) else chunk[:1])
 
-    BLOCK = 64  # batches converted to Python ints in one numpy call (one .tolist() per batch costs ~2x more)
+    BLOCK = 64  # batches turned into Python ints per numpy call; one loop then serves seeds or not, 1 or N ranks
 
     def __iter__(self):
         order = self.order(self.epoch)
