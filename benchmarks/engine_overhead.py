@@ -332,7 +332,7 @@ def run_alternating(variant: str, args, ds) -> dict:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    skip = args.steps  # the first round's worth of steps is warm-up
+    skip = args.steps if args.rounds > 1 else 0  # the first round's worth of steps is warm-up
     eng, base = alt.engine_us[skip:], alt.baseline_us[skip:]
     e_med, b_med = statistics.median(eng), statistics.median(base)
     e_mean, b_mean = statistics.fmean(eng), statistics.fmean(base)
