@@ -150,7 +150,7 @@ def main() -> None:
         "torchvision": torchvision.__version__,
         "Pillow": Image.__version__,
     }
-    from pixelz_dist.images import jpeg_backend
+    from pixelz_dist.data.images import jpeg_backend
 
     settings["jpeg_backend"] = jpeg_backend()
     print(json.dumps({"kind": "settings", **settings}), flush=True)

@@ -111,7 +111,7 @@ IMPORTS = {
     "jpeg4py": "import jpeg4py",
     "decode_jpeg(read_file": "from torchvision.io import decode_jpeg, read_file, ImageReadMode",
     "pil_to_tensor": "from torchvision.transforms.v2.functional import pil_to_tensor",
-    "fast_img_loader": "from pixelz_dist.images import fast_img_loader, jpeg_backend; jpeg_backend()",
+    "fast_img_loader": "from pixelz_dist.data.images import fast_img_loader, jpeg_backend; jpeg_backend()",
     "torch.from_numpy": "import torch, numpy as np",
 }
 

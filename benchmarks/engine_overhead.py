@@ -53,7 +53,7 @@ if os.path.isdir(os.path.join(_ROOT, "pixelz_dist")):  # measure the checkout th
     sys.path.insert(0, _ROOT)
 
 import pixelz_dist  # noqa: E402
-from pixelz_dist import engine as _engine  # noqa: E402
+from pixelz_dist.engine import loop as _engine  # noqa: E402
 
 TARGET = 1.02
 VARIANTS = ("plain", "log", "snapshot", "iter4")

@@ -37,7 +37,7 @@ except ImportError:  # run from a fresh checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import pixelz_dist
 
-from pixelz_dist.demo import build_demo
+from pixelz_dist.cli.demo import build_demo
 from pixelz_dist.lr_finder import find_lr
 
 

@@ -90,7 +90,7 @@ if os.path.isdir(os.path.join(_ROOT, "pixelz_dist")):  # measure the checkout th
 from engine_overhead import cpu_model  # noqa: E402  (beside this script: one copy of the helper)
 
 import pixelz_dist  # noqa: E402
-from pixelz_dist.hooks import Callback  # noqa: E402
+from pixelz_dist.callbacks.base import Callback  # noqa: E402
 
 SETTINGS = {  # name -> (amp, channels_last, compile)
     "fp32": (None, False, False),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared by slurm_train.sbatch and slurm_find_lr.sbatch (sourced, not run): one srun task per node, each running
-# torchrun with a c10d rendezvous at the first node; SLURM's preemption warning (USR1) is forwarded to the trainers,
-# which snapshot and exit with code 75; the job then requeues itself and resumes from that snapshot.
+# torchrun with a c10d rendezvous at the first node; SLURM's preemption warning (USR1, or USR2 if you ask for that
+# one with --signal) is forwarded to the trainers, which snapshot and exit with code 75; the job then requeues itself
+# and resumes from that snapshot. Needs torch >= 2.10 (torchrun --signals-to-handle): checked before srun starts.
 #
 # Variables (set them in the environment of sbatch, which exports it to the job, or edit the defaults below):
 #   PYTHON        the Python that has pixelz_dist installed (default: python)
@@ -12,10 +13,14 @@
 #   MAX_RESTARTS  torchrun's elastic restarts after a worker failure (default 0)
 #   REQUEUE       1 (default): requeue the job when it was preempted; 0: just exit with code 75
 
+# shellcheck source=launch/torchrun_signals.sh
+source "$(dirname "${BASH_SOURCE[0]}")/torchrun_signals.sh"
+
 pixelz_slurm_run() {
     local module="$1"
     shift
     local python="${PYTHON:-python}"
+    pixelz_require_torch_signals "$python" || return 2
     local nproc="${NPROC:-${SLURM_GPUS_ON_NODE:-1}}"
     local head_node port
     head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
@@ -26,6 +31,7 @@ pixelz_slurm_run() {
     # SLURM sends --signal=B:USR1 to this shell only. A bash trap runs only while the shell waits, so srun runs in
     # the background; the trap forwards the signal to srun, which passes it to torchrun on every node. torchrun
     # forwards it to its workers because of --signals-to-handle (a plain torchrun dies on USR1 and orphans them).
+    # USR2 is handled the same way, for clusters whose preemption notice is --signal=B:USR2.
     preempted=0
     interrupted=0
     srun_pid=""
@@ -33,13 +39,20 @@ pixelz_slurm_run() {
     # that where cgroups confine steps torchrun and its workers keep the task's CPUs. The DataLoader cap reads it.
     local cpus=()
     if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
-    trap 'preempted=1; interrupted=1; echo "pixelz: preemption warning (USR1), forwarding it to the trainers"; \
-          if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi' USR1
+    # shellcheck disable=SC2317  # run by the traps below
+    pixelz_forward() {  # $1: USR1 or USR2
+        preempted=1
+        interrupted=1
+        echo "pixelz: preemption warning ($1), forwarding it to the trainers"
+        if [ -n "$srun_pid" ]; then kill "-$1" "$srun_pid" 2>/dev/null || true; fi
+    }
+    trap 'pixelz_forward USR1' USR1
+    trap 'pixelz_forward USR2' USR2
     srun --ntasks-per-node=1 ${cpus[@]+"${cpus[@]}"} --kill-on-bad-exit=1 \
         "$python" -m torch.distributed.run \
         --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$nproc" \
         --rdzv_backend=c10d --rdzv_endpoint="$head_node:$port" --rdzv_id="$SLURM_JOB_ID" \
-        --max-restarts="${MAX_RESTARTS:-0}" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+        --max-restarts="${MAX_RESTARTS:-0}" --signals-to-handle="$PIXELZ_SIGNALS" \
         -m "$module" "$@" &
     srun_pid=$!
     local rc
@@ -51,7 +64,7 @@ pixelz_slurm_run() {
         if [ "$interrupted" = 1 ] && [ "$rc" -gt 128 ]; then continue; fi
         break
     done
-    trap - USR1
+    trap - USR1 USR2
 
     # The trainers exit with 75 after their snapshot; torchrun reports a failed worker as 1, so the trap's flag says
     # whether this was a preemption. The snapshot is complete before srun returns: requeueing now is safe

@@ -14,14 +14,18 @@
 #   PYTHON     the Python that has pixelz_dist installed (default: python)
 #   MODULE     what to run (default: pixelz_dist.train; pixelz_dist.find_lr for the learning-rate finder)
 #   MAX_RESTARTS  torchrun's elastic restarts after a worker failure (default 0)
+# torchrun forwards SIGUSR1 and SIGUSR2 to the trainers too (torch >= 2.10), which snapshot and exit with code 75.
 set -euo pipefail
 
+# shellcheck source=launch/torchrun_signals.sh
+source "$(dirname "${BASH_SOURCE[0]}")/torchrun_signals.sh"
 nnodes="${NNODES:-${SLURM_JOB_NUM_NODES:?set NNODES, the number of nodes}}"
 head_addr="${HEAD_ADDR:-${MASTER_ADDR:?set HEAD_ADDR, the address of the first node}}"
 job_id="${JOB_ID:-${SLURM_JOB_ID:?set JOB_ID, an id shared by all nodes of this job}}"
 python="${PYTHON:-python}"
+pixelz_require_torch_signals "$python" || exit 2
 nproc="${NPROC:-$("$python" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 exec "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc" \
     --rdzv_backend=c10d --rdzv_endpoint="$head_addr:${PORT:-29500}" --rdzv_id="$job_id" \
-    --max-restarts="${MAX_RESTARTS:-0}" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --max-restarts="${MAX_RESTARTS:-0}" --signals-to-handle="$PIXELZ_SIGNALS" \
     -m "${MODULE:-pixelz_dist.train}" "$@"

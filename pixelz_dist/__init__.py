@@ -1,21 +1,33 @@
 """pixelz_dist: a small PyTorch training library with exact resume, gradient accumulation and per-parameter lrs.
 
-``import pixelz_dist as train_pixelz`` is a drop-in upgrade of the single-file ``train_pixelz`` tool.
+``import pixelz_dist as train_pixelz`` is a drop-in upgrade of the single-file ``train_pixelz`` tool. The names
+below are the public API; the subpackages (``engine``, ``checkpoint``, ``data``, ``distributed``, ``callbacks``,
+``lr_finder``, ``cli``) show how it is built.
 """
 
-__version__ = "0.1.0"
+from . import _moved
+from ._version import __version__
+from .callbacks.base import Callback
+from .checkpoint.order_record import compare_order_records
+from .data.images import fast_img_loader, set_jpeg_backend
+from .data.multi_images import MultiImgsDataset
+from .distributed.preemption import PREEMPTION_EXIT_CODE, Preempted
+from .engine.multigpu import train_model_multigpu
+from .engine.param_groups import make_param_groups
+from .engine.state import TrainState
+from .engine.train_model import train_model
+from .errors import ConfigError, DataError, PixelzError, SnapshotError
+from .lr_finder.multigpu import find_lr_multigpu
+from .lr_finder.result import LRFinderResult
+from .lr_finder.search import find_lr
 
-from .data import MultiImgsDataset  # noqa: E402
-from .errors import ConfigError, DataError, PixelzError, SnapshotError  # noqa: E402
-from .hooks import Callback, TrainState  # noqa: E402
-from .images import fast_img_loader, set_jpeg_backend  # noqa: E402
-from .lr_finder import LRFinderResult, find_lr  # noqa: E402
-from .multigpu import find_lr_multigpu, train_model_multigpu  # noqa: E402
-from .order_record import compare_order_records  # noqa: E402
-from .param_groups import make_param_groups  # noqa: E402
-from .trainer import train_model  # noqa: E402
+_moved.install()
 
 __all__ = ["train_model", "train_model_multigpu", "find_lr", "find_lr_multigpu", "LRFinderResult",
            "make_param_groups", "MultiImgsDataset", "fast_img_loader", "set_jpeg_backend",
-           "Callback", "TrainState", "compare_order_records",
+           "Callback", "TrainState", "compare_order_records", "Preempted", "PREEMPTION_EXIT_CODE",
            "PixelzError", "ConfigError", "DataError", "SnapshotError", "__version__"]
+
+
+def __getattr__(name: str):
+    return _moved.old_module(name)

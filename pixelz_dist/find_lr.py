@@ -14,25 +14,27 @@ Examples::
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import cli
+from .cli import options as cli
 from .errors import PixelzError
-from .log import logger
+
+logger = logging.getLogger("pixelz_dist.find_lr")  # not __name__: "__main__" under python -m
 
 
 @record  # under torchrun, the failing rank's traceback is shown in the job summary
 def main(argv=None) -> int:
     opts = cli.parse("find_lr", argv)
     cli.setup_logging()
-    from .build import build_dataset_and_model, build_optimizer, place_model
-    from .config import save_config
-    from .dist import read_env
-    from .lr_finder import find_lr
+    from .cli.build import build_dataset_and_model, build_optimizer, place_model
+    from .cli.config import save_config
+    from .distributed.env import read_env
+    from .lr_finder.search import find_lr
 
     is_main = read_env().is_main
     try:
@@ -75,7 +77,7 @@ class _CallableModule(types.ModuleType):
     function, so ``pixelz_dist.find_lr(model, ...)`` keeps working in a process that imported the command line."""
 
     def __call__(self, *args, **kwargs):
-        from .lr_finder import find_lr
+        from .lr_finder.search import find_lr
 
         return find_lr(*args, **kwargs)
 

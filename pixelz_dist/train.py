@@ -15,23 +15,25 @@ resolved configuration is saved to ``{snapshot_prefix}_config.toml``. Exit codes
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import cli
+from .cli import options as cli
 from .errors import PixelzError
-from .log import logger
+
+logger = logging.getLogger("pixelz_dist.train")  # not __name__: that is "__main__" under python -m
 
 
 @record  # under torchrun, the failing rank's traceback is shown in the job summary
 def main(argv=None) -> int:
     opts = cli.parse("train", argv)
     cli.setup_logging()
-    from .build import build_dataset_and_model, build_optimizer, build_scheduler, place_model
-    from .config import save_config
-    from .dist import read_env
-    from .trainer import train_model
+    from .cli.build import build_dataset_and_model, build_optimizer, build_scheduler, place_model
+    from .cli.config import save_config
+    from .distributed.env import read_env
+    from .engine.train_model import train_model
 
     for note in opts.notes:
         logger.info("config: %s", note)
@@ -43,10 +45,10 @@ def main(argv=None) -> int:
         optimizer = build_optimizer(model, opts)
         scheduler = build_scheduler(optimizer, opts, len(dataset), env.world_size)
         if opts.tensorboard:
-            from .tensorboard import TensorBoardLogger
+            from .callbacks.tensorboard import TensorBoardLogger
 
             callbacks.append(TensorBoardLogger(opts.tensorboard, every=opts.display_iter))
-        from .progress_bar import ProgressBar, want_progress_bar
+        from .callbacks.progress_bar import ProgressBar, want_progress_bar
 
         if want_progress_bar():
             callbacks.append(ProgressBar(refresh_every=opts.display_iter))

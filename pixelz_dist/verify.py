@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint.order_record import compare_order_records
 from .errors import DataError
-from .order_record import compare_order_records
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pixelz_dist.demo import make_demo_dataset
+from pixelz_dist.cli.demo import make_demo_dataset
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

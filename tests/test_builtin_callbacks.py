@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from pixelz_dist import Callback, train_model
-from pixelz_dist.callbacks import NonFiniteLossError
+from pixelz_dist.callbacks.builtin import NonFiniteLossError, TimeBudget
+from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 from pixelz_dist.errors import ConfigError
-from pixelz_dist.snapshot import list_snapshots, load_snapshot
 
 
 class Regression(nn.Module):
@@ -118,21 +118,35 @@ def test_stop_patience_stops_when_the_smoothed_loss_stops_improving(tmp_path):
     assert list_snapshots(prefix)[0][0] == 6  # a best at 1, then 5 iterations without improvement
 
 
+class FakeClock:
+    """Seconds that pass only when the model runs: the budget's decisions become exact, whatever the machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_time_budget_stops_before_the_budget_with_a_snapshot_that_resumes_exactly(tmp_path):
     ds = data(n=40)
+    clock = FakeClock()
 
-    def run(prefix, n, **kw):
-        model = Regression(slow=0.02, dropout=0.3)
+    class OneSecondPerStep(Regression):
+        def forward(self, x, y):
+            clock.now += 1.0
+            return super().forward(x, y)
+
+    def run(prefix, n, model_class=Regression, **kw):
+        model = model_class(dropout=0.3)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
         return train_model(model, opt, sched, ds, 4, shuffle=True, num_iters=n, snapshot_prefix=prefix, **kw)
 
-    budget = 1.5
-    t0 = time.perf_counter()
-    run(str(tmp_path / "a"), 10_000, time_budget=budget)
-    assert time.perf_counter() - t0 < budget + 0.3  # set-up, iterations, final snapshot fit; + worker shutdown
+    run(str(tmp_path / "a"), 10_000, OneSecondPerStep, callbacks=[TimeBudget(10.0, margin=0.5, clock=clock)])
     (k, _), = list_snapshots(str(tmp_path / "a"))
-    assert 5 < k < 10_000
+    # after iteration 6: 6 s used + 1 s for the next iteration + 3 s guessed for the first snapshot + 0.5 s >= 10 s
+    assert k == 6 and clock.now == 6.0
     resumed = run(str(tmp_path / "a"), k + 7, load_snapshot_path="auto")
     straight = run(str(tmp_path / "b"), k + 7)
     for p, q in zip(resumed.parameters(), straight.parameters()):

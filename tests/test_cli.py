@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from pixelz_dist import cli
-from pixelz_dist.build import build_dataset_and_model, build_optimizer, build_scheduler
+from pixelz_dist.cli import options as cli
+from pixelz_dist.cli.build import build_dataset_and_model, build_optimizer, build_scheduler
 from pixelz_dist.errors import ConfigError
 
 
@@ -128,7 +128,7 @@ def test_tensorboard_missing_is_a_usage_error_with_the_install_command(capsys, m
 # -- building from the options ---------------------------------------------------------------------------------------
 def test_model_and_data_from_factories_and_folders(demo_root):
     dirs = [os.path.join(demo_root, d) for d in ("rgb", "hint", "mask")]
-    o = cli.parse("train", ["--model", "pixelz_dist.demo:TinySegNet", "--model-arg", "width=3", "--data", *dirs,
+    o = cli.parse("train", ["--model", "pixelz_dist.cli.demo:TinySegNet", "--model-arg", "width=3", "--data", *dirs,
                             "--modes", "RGB", "L", "L", "--iters", "1"])
     model, dataset = build_dataset_and_model(o)
     rgb, hint, mask = dataset[0]
@@ -140,10 +140,10 @@ def test_model_and_data_from_factories_and_folders(demo_root):
 
 @pytest.mark.parametrize("spec, expected", [
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("pixelz_dist.demo:TinySegNt", "has no attribute 'TinySegNt'; did you mean 'TinySegNet'?"),
-    ("pixelz_dist.demo:DEMO_FOLDERS", "not a callable"),
-    ("pixelz_dist.demo:to_mask", "cannot be called with {'width': 2}"),
-    ("pixelz_dist.demo", "expected 'package.module:name'"),
+    ("pixelz_dist.cli.demo:TinySegNt", "has no attribute 'TinySegNt'; did you mean 'TinySegNet'?"),
+    ("pixelz_dist.cli.demo:DEMO_FOLDERS", "not a callable"),
+    ("pixelz_dist.cli.demo:to_mask", "cannot be called with {'width': 2}"),
+    ("pixelz_dist.cli.demo", "expected 'package.module:name'"),
 ])
 def test_model_factory_errors(demo_root, spec, expected):
     o = cli.parse("train", ["--model", spec, "--model-arg", "width=2", "--data", os.path.join(demo_root, "rgb"),
@@ -155,12 +155,12 @@ def test_model_factory_errors(demo_root, spec, expected):
 
 def test_factory_results_are_checked(demo_root, monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "jobs"))
-    o = cli.parse("train", ["--model", "pixelz_dist.demo:make_demo_dataset", "--model-arg", f"root={demo_root!r}",
+    o = cli.parse("train", ["--model", "pixelz_dist.cli.demo:make_demo_dataset", "--model-arg", f"root={demo_root!r}",
                             "--model-arg", "num_samples=40", "--model-arg", "size=24", "--model-arg", "seed=3",
                             "--data", os.path.join(demo_root, "rgb"), "--iters", "1"])
     with pytest.raises(ConfigError, match="returned list, not a torch.nn.Module"):
         build_dataset_and_model(o)
-    o = cli.parse("train", ["--model", "pixelz_dist.demo:TinySegNet", "--dataset", "slow_data:not_a_dataset",
+    o = cli.parse("train", ["--model", "pixelz_dist.cli.demo:TinySegNet", "--dataset", "slow_data:not_a_dataset",
                             "--iters", "1"])
     with pytest.raises(ConfigError, match="returned int, not a map-style dataset"):
         build_dataset_and_model(o)
@@ -174,7 +174,7 @@ def test_factory_results_are_checked(demo_root, monkeypatch):
     (["--scheduler", "onecycle"], "OneCycleLR", True),
 ])
 def test_schedulers(argv, cls, on_iter):
-    from pixelz_dist.demo import TinySegNet
+    from pixelz_dist.cli.demo import TinySegNet
 
     o = cli.parse("train", ["--demo", "--epochs", "3", "--batch-size", "4", "--iter-size", "2",
                             "--param-lr", "head=0.5", *argv])
@@ -201,7 +201,7 @@ def test_step_and_stop_options_reach_train_model_and_find_lr():
 
 
 def test_device_errors_are_usage_errors(tmp_path):
-    from pixelz_dist.build import place_model
+    from pixelz_dist.cli.build import place_model
 
     opts = cli.parse("train", ["--demo", "--demo-dir", str(tmp_path), "--demo-samples", "4"])
     model = build_dataset_and_model(opts)[0]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pixelz_dist.config import merge, save_config, tomllib
+from pixelz_dist.cli.config import merge, save_config, tomllib
+from pixelz_dist.cli.imports import parse_assignments, parse_literal
 from pixelz_dist.errors import ConfigError
-from pixelz_dist.imports import parse_assignments, parse_literal
 
 
 def test_dump_toml_round_trips_through_tomllib(tmp_path):

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pixelz_dist import data as data_mod
-from pixelz_dist.data import MultiImgsDataset, natural_key, pil_loader, scan_images
+from pixelz_dist.data import multi_images as data_mod
+from pixelz_dist.data.images import fast_img_loader
+from pixelz_dist.data.multi_images import MultiImgsDataset, natural_key, pil_loader, scan_images
 from pixelz_dist.errors import ConfigError, DataError, PixelzError
-from pixelz_dist.images import fast_img_loader
 
 
 def _write(path, value=0, mode="RGB", size=(6, 4)):

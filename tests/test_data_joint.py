@@ -16,8 +16,8 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 
 from pixelz_dist.data import MultiImgsDataset
+from pixelz_dist.data.images import fast_img_loader
 from pixelz_dist.errors import ConfigError, DataError
-from pixelz_dist.images import fast_img_loader
 
 H, W = 48, 64
 

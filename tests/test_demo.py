@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pixelz_dist.demo import DemoDataset, TinySegNet, build_demo, make_demo_dataset
+from pixelz_dist.cli.demo import DemoDataset, TinySegNet, build_demo, make_demo_dataset
 from pixelz_dist.errors import ConfigError
 
 N, SIZE = 16, 24

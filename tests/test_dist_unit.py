@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from pixelz_dist import dist
-from pixelz_dist.dist import DistEnv, convert_sync_batchnorm, plan_devices, read_env, revert_sync_batchnorm
+from pixelz_dist.distributed import env as dist
+from pixelz_dist.distributed.env import DistEnv, read_env
+from pixelz_dist.distributed.prepare import convert_sync_batchnorm, plan_devices, revert_sync_batchnorm
 from pixelz_dist.errors import ConfigError
 
 

@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.utils.data import Dataset, TensorDataset
 
 import pixelz_dist
-import pixelz_dist.log as pixelz_log
+import pixelz_dist.engine.report as pixelz_log
 from pixelz_dist import Callback, SnapshotError, TrainState, train_model
 
 D = 3
@@ -462,9 +462,9 @@ def test_snapshot_interval_in_epochs(tmp_path, batch_size, iter_size, expected):
     assert snapshot_iters(prefix) == expected
     fractions = []
     for n in expected:
-        p = load_snap(prefix, n)["progress"]
-        assert p["iteration"] == n
-        fractions.append(p["epoch"] + p["samples_in_epoch"] / 10)
+        snap = load_snap(prefix, n)
+        assert snap["progress"]["iteration"] == n
+        fractions.append(snap["data"]["epoch"] + snap["data"]["position"] / 10)
     # each snapshot is the first iteration at or past 0.5, 1.0, 1.5, 2.0 epochs
     assert [f >= t for f, t in zip(fractions, (0.5, 1.0, 1.5, 2.0))] == [True] * 4
     assert fractions[1] == 1.0 and fractions[3] == 2.0
@@ -507,11 +507,15 @@ def test_snapshot_contents_load_with_weights_only(tmp_path):
     snap = torch.load(f"{prefix}_iter_4.pt", weights_only=True)
     for key in ("format_version", "model", "optimizer", "scheduler", "progress", "data", "rng"):
         assert key in snap
-    assert snap["progress"] == {"iteration": 4, "epoch": 1, "samples_in_epoch": 4}
+    assert snap["format_version"] == 2
+    assert snap["progress"] == {"iteration": 4}
     data = snap["data"]
+    assert (data["kind"], data["epoch"], data["position"]) == ("dataset", 1, 4)  # global samples into epoch 1
     assert (data["seed"], data["batch_size"], data["iter_size"], data["world_size"]) == (7, 2, 2, 1)
-    assert set(snap["rng"]) >= {"torch", "numpy", "python"}
-    assert isinstance(snap["rng"]["torch"], torch.Tensor)
+    (rng,) = snap["rng"]  # one per rank
+    assert set(rng) >= {"torch", "numpy", "python"}
+    assert isinstance(rng["torch"], torch.Tensor)
+    assert snap["meta"]["optimizer"] == "SGD"
     assert snap["scheduler"]["last_epoch"] == 1
     assert set(snap["optimizer"]["state"]) == {0, 1}  # momentum buffers
     for k, v in model.state_dict().items():
@@ -544,6 +548,11 @@ class IndexModel(LinReg):
         return super().forward(x, y)
 
 
+def position(snap: dict) -> tuple[int, int, int]:
+    """(iteration, epoch, global samples into the epoch) of a snapshot."""
+    return snap["progress"]["iteration"], snap["data"]["epoch"], snap["data"]["position"]
+
+
 def first_run(tmp_path, plateau=False):
     """One epoch of 10 samples, batch 2, shuffled; snapshots at 0.5 (iteration 3, sample 6) and 1.0 (iteration 5)."""
     prefix = tmp_path / "a" / "snap"
@@ -553,7 +562,7 @@ def first_run(tmp_path, plateau=False):
     train_model(model, opt, sched, Indexed(), 2, shuffle=True, snapshot_prefix=str(prefix), num_epochs=1,
                 snapshot_interval=0.5, num_workers=0)
     assert snapshot_iters(prefix) == [3, 5]
-    assert load_snap(prefix, 3)["progress"] == {"iteration": 3, "epoch": 0, "samples_in_epoch": 6}
+    assert position(load_snap(prefix, 3)) == (3, 0, 6)
     return prefix, model
 
 
@@ -625,8 +634,7 @@ def test_restore_dataloader_false_starts_the_next_epoch(tmp_path):
     assert [(r["epoch"], r["from"], r["to"]) for r in rows] == [(1, 0, 2), (1, 2, 4), (1, 4, 6), (1, 6, 8),
                                                                 (1, 8, 10)]
     assert len(model.seen) == 10 and sorted(model.seen) == list(range(10))
-    final = load_snap(prefix, 8)["progress"]
-    assert final == {"iteration": 8, "epoch": 2, "samples_in_epoch": 0}
+    assert position(load_snap(prefix, 8)) == (8, 2, 0)
     # epoch 1's order is the same as in an uninterrupted run (a function of seed and epoch)
     ref_prefix = tmp_path / "ref" / "snap"
     ref = IndexModel()
@@ -689,9 +697,10 @@ def test_resume_with_another_batch_size_keeps_the_sample_position(tmp_path, capl
     caplog.set_level(logging.INFO, logger="pixelz_dist")
     src, first = first_run(tmp_path)
     prefix, model = resumed_run(tmp_path, src, "b", batch_size=4)
-    warnings_ = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "pixelz_dist"]
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                 and r.name.startswith("pixelz_dist.")]
     assert any("batch_size 2 -> 4" in m for m in warnings_), warnings_
-    snap_pos = load_snap(src, 3)["progress"]["samples_in_epoch"]
+    snap_pos = load_snap(src, 3)["data"]["position"]
     rows = after_resume(read_order(prefix))
     assert rows[0]["from"] == snap_pos == 6
     assert [(r["epoch"], r["from"], r["to"]) for r in rows] == [(0, 6, 10), (1, 0, 4), (1, 4, 8), (1, 8, 10)]

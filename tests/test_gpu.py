@@ -13,8 +13,8 @@ import torch
 
 from conftest import DIST_VARS
 from pixelz_dist import train_model
-from pixelz_dist.demo import DemoDataset, TinySegNet
-from pixelz_dist.snapshot import list_snapshots, load_snapshot
+from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
+from pixelz_dist.cli.demo import DemoDataset, TinySegNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

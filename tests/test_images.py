@@ -12,9 +12,9 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from pixelz_dist import images
+from pixelz_dist.data import images
+from pixelz_dist.data.images import fast_img_loader, jpeg_backend, set_jpeg_backend
 from pixelz_dist.errors import ConfigError, DataError
-from pixelz_dist.images import fast_img_loader, jpeg_backend, set_jpeg_backend
 
 # libjpeg-turbo's accurate integer IDCT and its "fancy" upsampling are the defaults of Pillow and of every backend
 # here; they gave identical pixels on every image tried (libjpeg-turbo 2.1.5 and 3.x). One grey level is the

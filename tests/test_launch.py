@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import DIST_VARS, TESTS
-from pixelz_dist.snapshot import list_snapshots
+from pixelz_dist.checkpoint.file_format import list_snapshots
 
 LAUNCH = os.path.join(os.path.dirname(TESTS), "launch")
 SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
@@ -25,7 +25,7 @@ def test_every_script_is_shellcheck_clean_and_documented():
     for script in SCRIPTS:
         text = open(script).read()
         assert text.startswith("#!/usr/bin/env bash\n#"), script  # a header comment says how to use it
-        if not script.endswith("slurm_common.sh"):  # sourced: the sourcing script sets the options
+        if not script.endswith(("slurm_common.sh", "torchrun_signals.sh")):  # sourced: the sourcer sets options
             assert "set -euo pipefail" in text, script
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
@@ -55,3 +55,22 @@ def test_torchrun_multi_node_with_one_node_on_localhost(tmp_path):
         port = s.getsockname()[1]
     run_script("torchrun_multi_node.sh", tmp_path, NNODES="1", HEAD_ADDR="localhost", PORT=str(port),
                JOB_ID="test-job")
+
+
+@pytest.mark.parametrize("name", ["torchrun_single_node.sh", "torchrun_multi_node.sh"])
+def test_scripts_refuse_a_torch_whose_torchrun_cannot_forward_preemption_signals(tmp_path, name):
+    """torchrun learnt --signals-to-handle in torch 2.10.0; an older one dies on SIGUSR1 and orphans the trainers, so
+    the scripts stop before starting it, naming the version and the fix (a torch 2.9.1 install is simulated by its
+    package metadata ahead on the path)."""
+    fake = tmp_path / "site" / "torch-2.9.1.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.9.1\n")
+    environ = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    environ.update(PYTHON=sys.executable, NPROC="2", NNODES="1", HEAD_ADDR="localhost", JOB_ID="j",
+                   PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run([os.path.join(LAUNCH, name), "--demo"], env=environ, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "torch 2.9.1" in proc.stderr and "older than 2.10" in proc.stderr
+    assert "pip install 'torch>=2.10'" in proc.stderr
+    assert "training" not in proc.stderr  # nothing was started

@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pixelz_dist import Callback, ConfigError, make_param_groups, train_model
-from pixelz_dist.demo import DemoDataset, TinySegNet
+from pixelz_dist.checkpoint.file_format import list_snapshots
+from pixelz_dist.cli.demo import DemoDataset, TinySegNet
 from pixelz_dist.lr_finder import LRFinderResult, find_lr, smooth_losses, suggest_lr
-from pixelz_dist.snapshot import list_snapshots
 
 
 # -- tiny models ---------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from pixelz_dist.engine.param_groups import make_param_groups
 from pixelz_dist.errors import ConfigError
-from pixelz_dist.param_groups import make_param_groups
 
 
 class Block(nn.Module):

@@ -5,8 +5,8 @@ import logging
 
 import torch
 
-from pixelz_dist.progress_bar import ProgressBar, want_progress_bar
-from pixelz_dist.trainer import train_model
+from pixelz_dist.callbacks.progress_bar import ProgressBar, want_progress_bar
+from pixelz_dist.engine.train_model import train_model
 
 
 class Tty(io.StringIO):

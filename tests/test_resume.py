@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import run_job
-from pixelz_dist.order_record import compare_order_records
-from pixelz_dist.snapshot import list_snapshots, load_snapshot
+from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
+from pixelz_dist.checkpoint.order_record import compare_order_records
 
 
 def final_snapshot(prefix):
@@ -36,7 +36,8 @@ def assert_same_training_state(a: dict, b: dict):
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert a["scheduler"] == b["scheduler"]
     assert a["progress"] == b["progress"]
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert (a["data"]["epoch"], a["data"]["position"]) == (b["data"]["epoch"], b["data"]["position"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
 # 40 samples, batch 4: 10 batches per epoch. iter_size 3 -> windows 3,3,3,1 (4 iterations per epoch).
@@ -62,7 +63,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, demo_root, workers, 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     snapshot_iter = kill_at - kill_at % interval
     assert [it for it, _ in list_snapshots(prefix)] == [snapshot_iter]
-    mid_epoch = load_snapshot(list_snapshots(prefix)[0][1])["progress"]["samples_in_epoch"]
+    mid_epoch = load_snapshot(list_snapshots(prefix)[0][1])["data"]["position"]
     assert 0 < mid_epoch < 40, "the snapshot must fall in the middle of an epoch"
 
     resumed = run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "resume": "auto"}))
@@ -92,7 +93,7 @@ def test_resume_by_epochs_with_fractional_interval(tmp_path, demo_root):
     assert resumed.returncode == 0, resumed.stderr
     _, snap_a = final_snapshot(str(tmp_path / "a" / "snap"))
     _, snap_b = final_snapshot(prefix)
-    assert snap_a["progress"] == {"iteration": 15, "epoch": 3, "samples_in_epoch": 0}
+    assert (snap_a["progress"]["iteration"], snap_a["data"]["epoch"], snap_a["data"]["position"]) == (15, 3, 0)
     assert_same_training_state(snap_a, snap_b)
 
 
@@ -105,7 +106,7 @@ def test_killed_run_differs_without_exact_data_restore(tmp_path, demo_root):
     # Tamper with the saved data position: the resumed run now starts at the beginning of the epoch.
     _, path = list_snapshots(prefix)[0]
     snap = torch.load(path, weights_only=True)
-    snap["progress"]["samples_in_epoch"] = 0
+    snap["data"]["position"] = 0
     torch.save(snap, path)
     run_job("resume_job.py", json.dumps({**base, "prefix": prefix, "resume": "auto"}))
     _, snap_a = final_snapshot(str(tmp_path / "a" / "snap"))
@@ -152,4 +153,4 @@ def test_resuming_late_in_an_epoch_loads_only_the_remaining_samples(tmp_path):
                 snapshot_prefix=prefix, num_iters=10, num_workers=0, load_snapshot_path="auto")
     assert len(resumed.loaded) == 10  # the last tenth of the epoch, not 90 skipped + 10
     order = load_snapshot(list_snapshots(prefix)[0][1])
-    assert order["progress"] == {"iteration": 10, "epoch": 1, "samples_in_epoch": 0}
+    assert (order["progress"]["iteration"], order["data"]["epoch"], order["data"]["position"]) == (10, 1, 0)

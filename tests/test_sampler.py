@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pixelz_dist.sampler import BatchKey, ResumableBatchSampler, mix_seed
+from pixelz_dist.data.sampler import BatchKey, ResumableBatchSampler, mix_seed
 
 
 def flat(sampler):

@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from pixelz_dist import train_model
-from pixelz_dist.sampler import BatchKey
-from pixelz_dist.seeding import SeededDataset, draws_no_random_numbers
+from pixelz_dist.data.sampler import BatchKey
+from pixelz_dist.data.seeding import SeededDataset, draws_no_random_numbers
 
 
 class NoisyDataset(Dataset):

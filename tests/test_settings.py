@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, TensorDataset, get_worker_info
 import pixelz_dist
 import pixelz_dist as train_pixelz
 from pixelz_dist import ConfigError, DataError, train_model
-from pixelz_dist.dist import cpus_available, default_num_workers
+from pixelz_dist.distributed.env import cpus_available, default_num_workers
 
 
 class LinReg(nn.Module):

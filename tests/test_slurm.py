@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import DIST_VARS, TESTS
-from pixelz_dist.snapshot import list_snapshots, load_snapshot
+from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 
 REPO = os.path.dirname(TESTS)
 LOCAL_SLURM = os.path.join(REPO, "launch", "local_slurm")
@@ -106,7 +106,10 @@ def test_the_shipped_script_asks_for_the_warning_requeue_and_appending_output():
         assert line in text, line
     common = open(os.path.join(REPO, "launch", "slurm_common.sh")).read()
     assert "trap " in common and "USR1" in common and "scontrol requeue" in common
-    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in common
+    assert '--signals-to-handle="$PIXELZ_SIGNALS"' in common
+    signals = open(os.path.join(REPO, "launch", "torchrun_signals.sh")).read()
+    assert "PIXELZ_SIGNALS=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2" in signals
+    assert "trap 'pixelz_forward USR1' USR1" in common and "trap 'pixelz_forward USR2' USR2" in common
 
 
 def test_sbatch_wait_trains_the_demo_with_two_processes(slurm, tmp_path):
@@ -168,6 +171,7 @@ def test_usr1_snapshots_requeues_resumes_and_equals_an_uninterrupted_run(slurm, 
     a = load_snapshot(list_snapshots(prefix)[0][1])
     b = load_snapshot(list_snapshots(str(tmp_path / "ref" / "snap"))[0][1])
     assert a["progress"] == b["progress"]
+    assert (a["data"]["epoch"], a["data"]["position"]) == (b["data"]["epoch"], b["data"]["position"])
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for pid, state in b["optimizer"]["state"].items():

@@ -9,45 +9,47 @@ import pytest
 import torch
 from torch import nn
 
-from pixelz_dist.errors import SnapshotError
-from pixelz_dist.snapshot import (
+from pixelz_dist.checkpoint.file_format import (
+    FORMAT_VERSION,
     REQUIRED_KEYS,
-    check_model_state,
     find_latest_valid,
     list_snapshots,
     load_snapshot,
     prune_snapshots,
-    save_atomic,
+    save_snapshot,
     snapshot_path,
 )
+from pixelz_dist.checkpoint.parts import check_model_state
+from pixelz_dist.errors import SnapshotError
 
 
 def fake_snapshot(value=0.0, size=4):
-    snap = {k: {} for k in REQUIRED_KEYS}
-    snap.update(format_version=1, scheduler=None, model={"w": torch.full((size,), value)})
+    snap = {k: {} for k in REQUIRED_KEYS[FORMAT_VERSION]}
+    snap.update(format_version=FORMAT_VERSION, scheduler=None, model={"w": torch.full((size,), value)},
+                progress={"iteration": 0}, rng=[{}])
     return snap
 
 
 def test_names_and_listing_newest_first(tmp_path):
     prefix = str(tmp_path / "run" / "snap")
     for it in (3, 12, 7):
-        save_atomic(fake_snapshot(it), snapshot_path(prefix, it))
-    save_atomic(fake_snapshot(), str(tmp_path / "run" / "snap_other_iter_99.pt"))  # another prefix
+        save_snapshot(fake_snapshot(it), snapshot_path(prefix, it))
+    save_snapshot(fake_snapshot(), str(tmp_path / "run" / "snap_other_iter_99.pt"))  # another prefix
     (tmp_path / "run" / "snap_iter_5.pt.tmp").write_bytes(b"x")
     assert [it for it, _ in list_snapshots(prefix)] == [12, 7, 3]
     assert snapshot_path(prefix, 12).endswith("snap_iter_12.pt")
-    prune_snapshots(prefix, 2)
+    prune_snapshots(prefix, 2, keep=snapshot_path(prefix, 12))
     assert [it for it, _ in list_snapshots(prefix)] == [12, 7]
     assert list_snapshots(str(tmp_path / "missing" / "snap")) == []
 
 
 def test_a_process_killed_mid_write_leaves_the_previous_snapshots_intact(tmp_path):
     prefix = str(tmp_path / "snap")
-    save_atomic(fake_snapshot(1.0), snapshot_path(prefix, 10))
-    save_atomic(fake_snapshot(2.0), snapshot_path(prefix, 20))
+    save_snapshot(fake_snapshot(1.0), snapshot_path(prefix, 10))
+    save_snapshot(fake_snapshot(2.0), snapshot_path(prefix, 20))
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from pixelz_dist import snapshot
+        from pixelz_dist.checkpoint import file_format as snapshot
 
         real_save = torch.save
         def save_then_die(obj, f, *a, **k):
@@ -57,8 +59,8 @@ def test_a_process_killed_mid_write_leaves_the_previous_snapshots_intact(tmp_pat
             os.kill(os.getpid(), signal.SIGKILL)  # ... when the process dies
         torch.save = save_then_die
         big = {{"format_version": 1, "model": {{"w": torch.randn(1_000_000)}}}}
-        snapshot.save_atomic(big, {snapshot_path(prefix, 20)!r})   # overwriting an existing snapshot
-        snapshot.save_atomic(big, {snapshot_path(prefix, 30)!r})
+        snapshot.save_snapshot(big, {snapshot_path(prefix, 20)!r})   # overwriting an existing snapshot
+        snapshot.save_snapshot(big, {snapshot_path(prefix, 30)!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
@@ -72,8 +74,8 @@ def test_a_process_killed_mid_write_leaves_the_previous_snapshots_intact(tmp_pat
 
 def test_auto_skips_a_truncated_newest_snapshot_with_a_warning(tmp_path, caplog):
     prefix = str(tmp_path / "snap")
-    save_atomic(fake_snapshot(1.0), snapshot_path(prefix, 4))
-    save_atomic(fake_snapshot(2.0, size=100_000), snapshot_path(prefix, 8))
+    save_snapshot(fake_snapshot(1.0), snapshot_path(prefix, 4))
+    save_snapshot(fake_snapshot(2.0, size=100_000), snapshot_path(prefix, 8))
     data = open(snapshot_path(prefix, 8), "rb").read()
     open(snapshot_path(prefix, 8), "wb").write(data[: len(data) // 3])
     open(snapshot_path(prefix, 9), "wb").close()  # empty file
@@ -127,13 +129,13 @@ def test_model_mismatch_lists_every_key():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     state = {"0.weight": torch.zeros(5, 3), "0.bias": torch.zeros(4), "2.weight": torch.zeros(1)}
     with pytest.raises(SnapshotError) as err:
-        check_model_state(model, state, "x.pt")
+        check_model_state(model, state)
     msg = str(err.value)
     assert "0.weight: snapshot (5, 3) vs model (4, 3)" in msg
     assert "'1.weight'" in msg and "'1.bias'" in msg and "'2.weight'" in msg
     good = model.state_dict()
-    check_model_state(model, good, "x.pt")
+    check_model_state(model, good)
     partial = {k: v for k, v in good.items() if k.startswith("0.")}
-    check_model_state(model, partial, "x.pt", strict=False)
+    check_model_state(model, partial, strict=False)
     with pytest.raises(SnapshotError):
-        check_model_state(model, partial, "x.pt", strict=True)
+        check_model_state(model, partial, strict=True)

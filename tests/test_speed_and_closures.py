@@ -6,9 +6,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pixelz_dist import train_model
-from pixelz_dist.device_feed import DeviceFeed, to_device
+from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
+from pixelz_dist.data.device_feed import DeviceFeed, to_device
 from pixelz_dist.errors import ConfigError
-from pixelz_dist.snapshot import list_snapshots, load_snapshot
 
 
 class ConvNet(nn.Module):

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
+from pixelz_dist.callbacks.tensorboard import TensorBoardLogger, check_tensorboard
+from pixelz_dist.engine.param_groups import make_param_groups
+from pixelz_dist.engine.train_model import train_model
 from pixelz_dist.errors import ConfigError
-from pixelz_dist.param_groups import make_param_groups
-from pixelz_dist.tensorboard import TensorBoardLogger, check_tensorboard
-from pixelz_dist.trainer import train_model
 
 
 class FakeWriter:

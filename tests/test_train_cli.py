@@ -8,7 +8,7 @@ import sys
 import torch
 
 from conftest import DIST_VARS, TESTS
-from pixelz_dist.snapshot import list_snapshots, load_snapshot
+from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 
 
 def clean_env():
@@ -39,7 +39,7 @@ def test_demo_trains_writes_snapshots_and_resumes(tmp_path):
     second = train(*args, "--epochs", "3", "--resume", "auto")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stderr and "iteration 8" in second.stderr
-    assert load_snapshot(list_snapshots(prefix)[0][1])["progress"]["epoch"] == 3
+    assert load_snapshot(list_snapshots(prefix)[0][1])["data"]["epoch"] == 3
 
 
 def test_step_options_from_the_command_line_train_and_log(tmp_path):

@@ -6,10 +6,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from pixelz_dist import train_model
-from pixelz_dist.dist import DistEnv
+from pixelz_dist.data.sampler import ResumableBatchSampler
+from pixelz_dist.data.user_loader import UserLoaderSource
+from pixelz_dist.distributed.env import DistEnv
 from pixelz_dist.errors import ConfigError, SnapshotError
-from pixelz_dist.sampler import ResumableBatchSampler
-from pixelz_dist.user_loader import UserLoaderSource
 
 
 class Indexed(Dataset):

@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pixelz_dist import compare_order_records, train_model
+from pixelz_dist.checkpoint.order_record import read_order_record
 from pixelz_dist.errors import DataError
-from pixelz_dist.order_record import read_order_record
 
 
 class Linear(nn.Module):

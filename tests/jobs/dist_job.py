@@ -7,7 +7,9 @@ sleep per iteration), ready_at (write out/ready after that iteration), count_all
 pid_file (write out/pid<RANK> at the start),
 user_group (create the process group before train_model), repeat (train_model calls in one process),
 hang_rank / hang_at (that rank sleeps for a minute there), timeout (dist_timeout),
-y_scale (of the targets), train_kwargs (more train_model keyword arguments).
+y_scale (of the targets), train_kwargs (more train_model keyword arguments), display_iter (default 2),
+count_collectives (record, per iteration, the blocking and the asynchronous torch.distributed.all_reduce calls),
+stop_rank / stop_at / stop_on_every_rank (a callback requests a stop there: on that rank, or on every rank).
 """
 
 import json
@@ -21,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pixelz_dist import Callback, train_model
-from pixelz_dist.demo import DemoDataset, TinySegNet
+from pixelz_dist.cli.demo import DemoDataset, TinySegNet
 
 
 class IndexedData(Dataset):
@@ -60,6 +62,17 @@ class Probe(Callback):
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         self.allreduces = []
         self.calls = 0
+        self.collectives = []  # per iteration: [blocking all_reduce calls, asynchronous ones]
+        self._counts = [0, 0]
+        self.stopped_at = None
+        if cfg.get("count_collectives"):
+            real = torch.distributed.all_reduce
+
+            def counting_all_reduce(*args, **kwargs):
+                self._counts[1 if kwargs.get("async_op") else 0] += 1
+                return real(*args, **kwargs)
+
+            torch.distributed.all_reduce = counting_all_reduce
 
     def on_train_start(self, state):
         if self.cfg.get("pid_file"):
@@ -77,6 +90,10 @@ class Probe(Callback):
     def on_iteration_end(self, state):
         self.allreduces.append(self.calls)
         self.calls = 0
+        self.collectives.append(self._counts)
+        self._counts = [0, 0]
+        if self.cfg.get("stop_at") == state.iteration and self.cfg.get("stop_rank") in (self.rank, "all"):
+            state.request_stop("asked by the test", on_every_rank=bool(self.cfg.get("stop_on_every_rank")))
         if self.cfg.get("slow"):
             time.sleep(self.cfg["slow"])
         if self.cfg.get("ready_at") == state.iteration and self.rank == 0:
@@ -86,6 +103,9 @@ class Probe(Callback):
         if (self.cfg.get("kill_rank") == self.rank and self.cfg.get("kill_at") == state.iteration
                 and self.attempt == 0):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_end(self, state):
+        self.stopped_at = state.iteration
 
 
 def main():
@@ -117,6 +137,7 @@ def main():
     if cfg.get("out"):
         with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as f:
             json.dump({"seen": getattr(trained, "seen", []), "allreduces": probe.allreduces,
+                       "collectives": probe.collectives, "stopped_at": probe.stopped_at,
                        "class": type(trained).__name__,
                        "norm_classes": sorted({type(m).__name__ for m in trained.modules()
                                                if "Norm" in type(m).__name__}),
@@ -129,7 +150,8 @@ def main():
 def run(cfg, model, optimizer, scheduler, dataset, probe):
     return train_model(model, optimizer, scheduler, dataset, cfg.get("batch_size", 2), shuffle=True,
                        snapshot_prefix=cfg.get("prefix"), num_iters=cfg.get("num_iters"),
-                       num_epochs=cfg.get("num_epochs"), iter_size=cfg.get("iter_size", 1), display_iter=2,
+                       num_epochs=cfg.get("num_epochs"), iter_size=cfg.get("iter_size", 1),
+                       display_iter=cfg.get("display_iter", 2),
                        snapshot_interval=cfg.get("interval"), load_snapshot_path=cfg.get("resume"), seed=5,
                        num_workers=cfg.get("workers", 0), callbacks=[probe], dist_timeout=cfg.get("timeout", 60),
                        **cfg.get("train_kwargs", {}))

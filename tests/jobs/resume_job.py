@@ -13,7 +13,7 @@ import sys
 import torch
 
 from pixelz_dist import Callback, train_model
-from pixelz_dist.demo import DemoDataset, TinySegNet
+from pixelz_dist.cli.demo import DemoDataset, TinySegNet
 
 
 class KillAt(Callback):

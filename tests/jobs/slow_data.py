@@ -3,7 +3,7 @@ so that a job runs long enough to be signalled mid-run."""
 
 import time
 
-from pixelz_dist.demo import DemoDataset, make_demo_dataset
+from pixelz_dist.cli.demo import DemoDataset, make_demo_dataset
 
 
 class SlowDemo(DemoDataset):

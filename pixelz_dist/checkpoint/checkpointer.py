@@ -1,0 +1,125 @@
+"""One run's snapshots: which parts go in, writing them (rank 0, atomically), choosing and restoring one.
+
+The checkpointer holds named parts, each an object with ``state_dict()`` / ``load_state_dict(state)`` (torchtitan's
+``CheckpointManager(states={...})`` is the model): the loop hands it its counters, its data source, its scheduler
+stepper and so on at construction, and never its private state afterwards. Parts named in ``per_rank`` (the random
+state) are gathered from every rank, and each rank gets its own back. Parts are restored in the order given, so
+the random state, given last, is put back after everything that might draw from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .._version import __version__
+from ..distributed.env import DistEnv, barrier, broadcast_from_main, gather_to_main
+from ..errors import SnapshotError
+from .file_format import (
+    FORMAT_VERSION,
+    find_latest_valid,
+    load_snapshot,
+    prune_snapshots,
+    save_snapshot,
+    set_aside_newer,
+    snapshot_path,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Snapshots of ``parts`` under ``prefix`` (``{prefix}_iter_{N}.pt``).
+
+    Args:
+        prefix: where snapshots go; None for a run that only loads (``load`` still works).
+        parts: ``{name: Stateful}``, in restore order; ``"progress"`` is one, whose state holds ``"iteration"``.
+        env: this process's place in the job.
+        per_rank: names of parts whose state differs per rank.
+        keep_last: keep only this many snapshots of the prefix (the one just written always stays).
+        meta: extra values for the snapshot's ``meta`` entry.
+    """
+
+    def __init__(self, prefix: str | None, parts: dict, env: DistEnv, *, per_rank=("rng",),
+                 keep_last: int | None = None, meta: dict | None = None):
+        self.prefix, self.parts, self.env = prefix, dict(parts), env
+        self.per_rank, self.keep_last, self.meta = tuple(per_rank), keep_last, dict(meta or {})
+        self.last_path: str | None = None
+        self.last_iteration = -1
+        self.last_seconds: float | None = None
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def save(self, iteration: int) -> str:
+        """Write the snapshot of ``iteration`` (a collective: every rank calls it; rank 0 writes, all wait for it)."""
+        started = time.perf_counter()
+        path = snapshot_path(self.prefix, iteration)
+        gathered = {name: gather_to_main(self.parts[name].state_dict(), self.env) for name in self.per_rank}
+        if self.env.is_main:
+            snapshot = {"format_version": FORMAT_VERSION}
+            for name, part in self.parts.items():
+                snapshot[name] = gathered[name] if name in gathered else part.state_dict()
+            snapshot["meta"] = {"pixelz_dist": __version__, "torch": str(torch.__version__), "time": time.time(),
+                                **self.meta}
+            save_snapshot(snapshot, path)
+            if self.keep_last:
+                prune_snapshots(self.prefix, self.keep_last, keep=path)
+            logger.info("snapshot written: %s", path)
+        barrier()
+        self.last_seconds = time.perf_counter() - started
+        self.last_path, self.last_iteration = path, iteration
+        return path
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def choose(self, spec: str | None) -> tuple[str | None, dict | None]:
+        """The snapshot to resume from: ``spec`` itself, or for ``"auto"`` the newest valid one of the prefix
+        (None: start fresh). Rank 0 decides and tells the others, so all load the same file; rank 0 also returns
+        the content it already read, so the file is deserialised once."""
+        if spec is None:
+            return None, None
+        path, content = None, None
+        if self.env.is_main:
+            if spec == "auto":
+                found = find_latest_valid(self.prefix)
+                if found is None:
+                    logger.info("no snapshot found for prefix %r: starting from scratch", self.prefix)
+                else:
+                    path, content = found
+            else:
+                path = str(spec)
+        return broadcast_from_main(path), content
+
+    def load(self, path: str, content: dict | None = None) -> dict:
+        """Restore every part from the snapshot at ``path`` (``content``: already read); returns the snapshot.
+
+        Raises:
+            SnapshotError: the file cannot be read, lacks a part, or a part does not fit (naming the part).
+        """
+        snap = content if content is not None else load_snapshot(path)
+        missing = [name for name in self.parts if name not in snap and name not in ABSENT_MEANS]
+        if missing:
+            raise SnapshotError(f"snapshot {path!r} has no {', '.join(map(repr, missing))} part(s) (it has "
+                                f"{sorted(snap)}). HINT: resume from a snapshot written by train_model.")
+        for name, part in self.parts.items():
+            state = snap[name] if name in snap else ABSENT_MEANS[name]
+            if name in self.per_rank:
+                # Same world size: each rank its own state (exact). Another world size: exactness is gone anyway.
+                state = state[self.env.rank % len(state)]
+            try:
+                part.load_state_dict(state)
+            except SnapshotError as e:
+                raise SnapshotError(f"cannot resume from {path!r}: {e}") from e.__cause__
+        self.last_path, self.last_iteration = path, int(snap["progress"]["iteration"])
+        if self.env.is_main and self.prefix:
+            moved = set_aside_newer(self.prefix, self.last_iteration)
+            if moved:
+                logger.warning("resumed from iteration %d while %d newer snapshot(s) of %r existed (an abandoned "
+                               "branch): renamed to %s, so 'auto' and keep_last follow this run", self.last_iteration,
+                               len(moved), self.prefix, ", ".join(moved))
+        barrier()
+        return snap
+
+
+#: Parts that snapshots written before they existed lack, and the state that stands for "start fresh".
+ABSENT_MEANS = {"callbacks": {}, "epoch_loss": None, "grad_scaler": None}

@@ -1,0 +1,89 @@
+"""The torch objects of a run as snapshot parts: ``state_dict`` / ``load_state_dict`` with the checks torch leaves out.
+
+torch's own ``load_state_dict`` fails late and tersely (a ``KeyError: 'momentum'`` after half the state is in); each
+part here checks first and says what does not fit and what to do. Errors name the part; the checkpointer adds the
+snapshot's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from ..errors import SnapshotError
+
+logger = logging.getLogger(__name__)
+
+
+def check_model_state(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
+    """Refuse a model state that does not fit, listing every mismatching key at once."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: snapshot {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    problems = []
+    if shapes:
+        problems.append("shape mismatches: " + "; ".join(shapes))
+    if strict and missing:
+        problems.append(f"missing from the snapshot: {missing}")
+    if strict and unexpected:
+        problems.append(f"not in the model: {unexpected}")
+    if problems:
+        raise SnapshotError(f"its model state does not fit the model ({type(model).__name__}): "
+                            + " | ".join(problems)
+                            + ". HINT: build the same architecture as the run that wrote it"
+                            + ("" if not strict else ", or pass strict_load=False to load matching keys only") + ".")
+
+
+class ModelState:
+    """The model's weights and buffers; ``strict=False`` loads the keys both sides have (shapes must still match)."""
+
+    def __init__(self, model: torch.nn.Module, strict: bool = True):
+        self.model, self.strict = model, strict
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        check_model_state(self.model, state, strict=self.strict)
+        self.model.load_state_dict(state, strict=self.strict)
+
+
+class OptimizerState:
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.optimizer.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SnapshotError(f"its optimizer state does not fit this optimizer ({type(e).__name__}: {e}). HINT: "
+                                "build the optimizer with the same parameter groups, in the same order, as the run "
+                                "that wrote the snapshot.") from e
+
+
+class SchedulerState:
+    """The LR scheduler (or None). A snapshot with a schedule loaded without one, or the reverse, is a warning."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self):
+        return self.scheduler.state_dict() if self.scheduler is not None else None
+
+    def load_state_dict(self, state) -> None:
+        if self.scheduler is not None and state is not None:
+            with warnings.catch_warnings():  # torch warns about the order of step() calls when states move: benign
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                self.scheduler.load_state_dict(state)
+        elif self.scheduler is not None or state is not None:
+            logger.warning("the snapshot being loaded %s but this run %s: the schedule %s",
+                           "holds a scheduler state" if state is not None else "holds no scheduler state",
+                           "has no scheduler" if self.scheduler is None else "has one",
+                           "is dropped" if self.scheduler is None else "starts from its beginning")

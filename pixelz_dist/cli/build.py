@@ -1,0 +1,126 @@
+"""The objects a command-line run trains: model, dataset, optimizer and scheduler, from resolved options.
+
+``--data DIR [DIR ...]`` gives a :class:`~pixelz_dist.data.multi_images.MultiImgsDataset` over the folders whose
+samples are float tensors in [0, 1] (one per folder, ``C x H x W``, decoded with ``--modes``), so a batch reaches the
+model as ``model(*images)``; resizing, cropping and augmentation belong to a ``--dataset`` factory.
+Schedulers: ``step`` (``--step-size``, ``--gamma``), ``multistep`` (``--milestones``, ``--gamma``), ``cosine``
+(``T_max`` = the run's length in epochs, or in iterations with ``--schedule-on-iter``; ``--eta-min``) and
+``onecycle`` (``max_lr`` = ``--lr``, ``total_steps`` = the run's iterations, always stepped per iteration).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from argparse import Namespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.sampler import batches_in
+from ..distributed.env import read_env
+from ..engine.param_groups import make_param_groups
+from ..errors import ConfigError
+from .imports import call_factory
+
+__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "total_iterations"]
+
+
+def _is_dataset(obj) -> bool:
+    return hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
+
+
+def build_dataset_and_model(opts: Namespace):
+    """``(model, dataset)``: the demo's, or the ``--model`` factory's and the ``--data`` / ``--dataset`` one.
+
+    torch's, numpy's and Python's global RNGs are seeded with ``--seed`` first, so the initial weights and the
+    training loop's own random draws (dropout) are the same in every run with that seed.
+
+    Raises:
+        ConfigError: a factory that does not resolve or returns the wrong kind of object.
+        DataError: folders that are missing, empty or do not pair up.
+    """
+    seed_everything(opts.seed)
+    if opts.demo:
+        from .demo import build_demo
+
+        return build_demo(opts.demo_dir, num_samples=opts.demo_samples, seed=opts.seed)
+    model = call_factory(opts.model, "--model", opts.model_arg, lambda m: isinstance(m, nn.Module),
+                         "a torch.nn.Module")
+    if opts.dataset:
+        dataset = call_factory(opts.dataset, "--dataset", opts.dataset_arg, _is_dataset,
+                               "a map-style dataset (with __len__ and __getitem__)")
+    else:
+        from torchvision.transforms import v2
+
+        from ..data.multi_images import MultiImgsDataset
+
+        dataset = MultiImgsDataset(opts.data, v2.ToDtype(torch.float32, scale=True), modes=opts.modes)
+    return model, dataset
+
+
+def place_model(model: nn.Module, device: str) -> torch.device:
+    """Move the model to ``--device`` (auto: a GPU when there is one). Under torchrun the trainer itself puts each
+    process on the GPU of its LOCAL_RANK, so the model is left where it is."""
+    if read_env().is_distributed:
+        return torch.device("cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from e
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but torch sees no CUDA GPU here (torch {torch.__version__}); use "
+                          "--device cpu or auto")
+    model.to(target)
+    return target
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, opts: Namespace, lr: float | None = None) -> torch.optim.Optimizer:
+    """``--optimizer`` over ``make_param_groups(model, --param-lr)`` at ``lr`` (default ``--lr``)."""
+    groups = make_param_groups(model, opts.param_lr or None)
+    lr = opts.lr if lr is None else lr
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=lr, weight_decay=opts.weight_decay)
+
+
+def iterations_per_epoch(num_samples: int, batch_size: int, iter_size: int, world_size: int) -> int:
+    """Optimizer steps in one epoch: global batches of ``batch_size x world_size``, windows of ``iter_size``."""
+    return math.ceil(batches_in(num_samples, batch_size * world_size) / iter_size)
+
+
+def total_iterations(opts: Namespace, num_samples: int, world_size: int) -> int:
+    if opts.iters is not None:
+        return opts.iters
+    return opts.epochs * iterations_per_epoch(num_samples, opts.batch_size, opts.iter_size, world_size)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, opts: Namespace, num_samples: int, world_size: int):
+    """The ``--scheduler`` (or None); its unit is the epoch, or the iteration with ``--schedule-on-iter``."""
+    sched = torch.optim.lr_scheduler
+    if opts.scheduler == "none":
+        return None
+    if opts.scheduler == "step":
+        return sched.StepLR(optimizer, step_size=opts.step_size, gamma=opts.gamma)
+    if opts.scheduler == "multistep":
+        return sched.MultiStepLR(optimizer, milestones=opts.milestones, gamma=opts.gamma)
+    iters = total_iterations(opts, num_samples, world_size)
+    if opts.scheduler == "onecycle":
+        max_lrs = [g["lr"] for g in optimizer.param_groups]  # each group peaks at its own rate (--param-lr)
+        return sched.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=iters)
+    if opts.schedule_on_iter:
+        length = iters
+    else:
+        length = opts.epochs or math.ceil(iters / iterations_per_epoch(num_samples, opts.batch_size, opts.iter_size,
+                                                                       world_size))
+    return sched.CosineAnnealingLR(optimizer, T_max=max(1, length), eta_min=opts.eta_min)

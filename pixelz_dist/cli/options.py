@@ -1,0 +1,362 @@
+"""Command-line options shared by ``python -m pixelz_dist.train`` and ``python -m pixelz_dist.find_lr``.
+
+One definition of the model / data / optimizer options, so the finder measures exactly what training will run.
+:func:`parse` turns ``argv`` (and the ``--config`` file it names) into the resolved options: the command line
+overrides the file, the file overrides the defaults (see :mod:`pixelz_dist.cli.config` for the rules). Every usage
+error is one line ``error: ...`` on stderr and exit code 2.
+
+Adding an option that ``train_model`` passes through (e.g. ``clip_grad_norm``) is one line in
+:data:`TRAIN_MODEL_OPTIONS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+from ..distributed.env import read_env
+from ..engine.settings import LEGACY_NAMES
+from ..errors import ConfigError
+from ..log import ensure_handler, library_logger
+from .config import OptionSpec, check_table, load_toml, merge
+from .imports import parse_assignments
+
+COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz_dist.find_lr"}
+META = ("config", "print_config")  # options about the configuration itself, never saved in it
+TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE options; tables in a config file
+EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")]
+DEPENDENTS = {"model": ("model_arg",), "data": ("modes",), "dataset": ("dataset_arg",)}
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")
+
+# train_model keywords that the command line passes through unchanged: (flag, keyword, argparse keywords).
+# One line per option; the training command adds each one and hands its value to train_model.
+TRAIN_MODEL_OPTIONS = (
+    ("--snapshot-prefix", "snapshot_prefix", dict(metavar="PREFIX", help="write snapshots to PREFIX_iter_N.pt and "
+                                                  "the resolved configuration to PREFIX_config.toml (demo default: "
+                                                  "DEMO_DIR/snapshots/demo)")),
+    ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
+                                                      "twice per epoch), in iterations with --iters")),
+    ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
+    ("--display-iter", "display_iter", dict(type=int, default=20, help="iterations between log lines")),
+    ("--display-gpu", "display_gpu", dict(action=argparse.BooleanOptionalAction, default=False,
+                                          help="add GPU memory to the log lines")),
+    ("--stop-loss-below", "stop_loss_below", dict(type=float, metavar="LOSS",
+                                                  help="stop once the smoothed training loss is below LOSS")),
+    ("--stop-patience", "stop_patience", dict(type=int, metavar="N", help="stop after N iterations without a new "
+                                              "best smoothed training loss")),
+    ("--stop-min-delta", "stop_min_delta", dict(type=float, default=0.0,
+                                                help="the improvement that counts for --stop-patience")),
+    ("--time-budget", "time_budget", dict(type=float, metavar="SECONDS", help="stop with a final snapshot before "
+                                          "SECONDS are spent (e.g. a little under the SLURM time limit)")),
+    ("--on-nonfinite", "on_nonfinite", dict(choices=("raise", "skip"), help="on a NaN / inf loss: stop with an "
+                                            "error naming the iteration, or skip the step (default: no check)")),
+)
+
+# train_model keywords that both commands pass through (find_lr through its train_kwargs): the finder must measure
+# the step that training will run.
+STEP_OPTIONS = (
+    ("--amp", "amp", dict(choices=("bf16", "fp16"), help="mixed precision: autocast around forward (fp16 with a "
+                          "GradScaler)")),
+    ("--channels-last", "channels_last", dict(action=argparse.BooleanOptionalAction, default=False,
+                                              help="model and 4-D inputs in channels_last (conv nets on GPUs)")),
+    ("--compile", "compile", dict(action=argparse.BooleanOptionalAction, default=False, help="torch.compile")),
+    ("--clip-grad-norm", "clip_grad_norm", dict(type=float, metavar="MAX", help="clip the gradients' total norm")),
+    ("--clip-grad-value", "clip_grad_value", dict(type=float, metavar="MAX", help="clamp each gradient element")),
+)
+
+
+def step_options(opts: argparse.Namespace) -> dict:
+    """The :data:`STEP_OPTIONS` as train_model keywords."""
+    return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in STEP_OPTIONS}
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows each option's real default (the parser's own defaults are suppressed, see :func:`_capture_defaults`)."""
+
+    def _get_help_string(self, action):
+        default = getattr(action, "pixelz_default", None)
+        text = action.help or ""
+        if default is not None and default is not False and default != argparse.SUPPRESS and "default" not in text:
+            text += f" (default: {default})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str) -> None:
+    """A usage error: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -- the options -----------------------------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", metavar="TOML", help="read options from this TOML file (keys: the long option names "
+                   "with '_' for '-'); options on the command line override it")
+    g.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--demo", action="store_true", help="the built-in demo: a tiny segmentation network on a "
+                   "synthetic multi-image dataset of real image files (replaces --model and the data)")
+    g.add_argument("--demo-dir", help="where the demo images go (default: a folder in the temporary directory)")
+    g.add_argument("--demo-samples", type=int, default=64, help="number of demo samples")
+    g.add_argument("--model", metavar="MODULE:FACTORY", help="a callable returning an nn.Module whose forward takes "
+                   "a batch and returns the loss, e.g. mypkg.models:build_unet")
+    g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="keyword argument for the model "
+                   "factory, VALUE a Python literal (repeatable)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", metavar="DIR", help="one folder per image of a sample (files pair by name): "
+                   "a MultiImgsDataset giving float tensors in [0, 1], as model(*images)")
+    g.add_argument("--modes", nargs="+", metavar="MODE", help="per --data folder: RGB, L, unchanged or auto "
+                   "(default: auto)")
+    g.add_argument("--dataset", metavar="MODULE:FACTORY", help="a callable returning a map-style dataset, for full "
+                   "control over the data")
+    g.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
+                   help="keyword argument for the dataset factory (repeatable)")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch and process")
+    g.add_argument("--iter-size", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="a new order each epoch")
+    g.add_argument("--seed", type=int, default=0, help="data order, augmentation and the demo's initial weights")
+    g.add_argument("--workers", type=int, help="DataLoader workers per process (default: automatic)")
+
+    g = p.add_argument_group("device and step")
+    g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N; under "
+                   "torchrun each process takes the GPU of its LOCAL_RANK")
+    for flag, _, kwargs in STEP_OPTIONS:
+        g.add_argument(flag, **kwargs)
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    g.add_argument("--lr", type=float, default=0.01, help="learning rate" + ("" if train else
+                   "; the finder keeps the --param-lr ratios to it"))
+    g.add_argument("--momentum", type=float, help="sgd only (default 0.9)")
+    g.add_argument("--weight-decay", type=float, help="default: the optimizer's (adamw 0.01, else 0)")
+    g.add_argument("--param-lr", action="append", metavar="NAME=LR", help="learning rate of the parameters whose "
+                   "name, glob pattern or module prefix is NAME (repeatable; see make_param_groups)")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("length")
+    g.add_argument("--epochs", type=int, help="train for this many epochs (demo default: 5)")
+    g.add_argument("--iters", type=int, help="train for this many iterations (optimizer steps)")
+
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="none", help="step: x gamma every --step-size; "
+                   "multistep: x gamma at each of --milestones; cosine: down to --eta-min over the run; onecycle: "
+                   "up to --lr and down, stepped every iteration")
+    g.add_argument("--step-size", type=int, help="step: epochs (iterations with --schedule-on-iter) between decays")
+    g.add_argument("--milestones", nargs="+", type=int, help="multistep: epochs (or iterations) of the decays")
+    g.add_argument("--gamma", type=float, default=0.1, help="step / multistep: the decay factor")
+    g.add_argument("--eta-min", type=float, default=0.0, help="cosine: the final learning rate")
+    g.add_argument("--schedule-on-iter", action=argparse.BooleanOptionalAction, default=False,
+                   help="step the scheduler every iteration instead of every epoch (onecycle always does)")
+
+    g = p.add_argument_group("snapshots and logging")
+    g.add_argument("--resume", metavar="auto|PATH", help="continue from a snapshot file, or 'auto': the newest valid "
+                   "snapshot of --snapshot-prefix (none yet: start fresh)")
+    for flag, _, kwargs in TRAIN_MODEL_OPTIONS:
+        g.add_argument(flag, **kwargs)
+    g.add_argument("--tensorboard", metavar="DIR", help="also log loss and learning rates to TensorBoard in DIR "
+                   "(needs the [tensorboard] extra)")
+
+
+def _add_find_lr(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("learning-rate finder")
+    g.add_argument("--method", choices=("runs", "sweep"), default="runs",
+                   help="runs: one short run per rate, each from the same start; sweep: one run with the rate "
+                        "rising every iteration (about --num-runs times cheaper)")
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--max-lr", type=float, default=10.0)
+    g.add_argument("--num-runs", type=int, default=15, help="runs: rates tried, spaced exponentially")
+    g.add_argument("--iter-per-run", type=int, default=20, help="runs: iterations per rate")
+    g.add_argument("--num-iters", type=int, default=100, help="sweep: its length in iterations")
+    g.add_argument("--divergence-factor", type=float, default=4.0,
+                   help="a loss above this times the reference counts as diverged")
+    g.add_argument("--stop-on-divergence", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip the larger rates once a run diverged")
+    g.add_argument("--resume", metavar="PATH", help="start every run from this snapshot (weights, optimizer and data "
+                   "position)")
+    g.add_argument("--restore-dataloader", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --resume: start at the snapshot's sample or (--no-restore-dataloader) the next epoch")
+    g.add_argument("--result-file", help="the .npz written, with a .json and the configuration beside it (default: "
+                   "DEMO_DIR/lr_finder/results.npz with --demo, else lr_finder/results.npz)")
+    g.add_argument("--plot", metavar="PNG", help="also draw the curve to this file (needs matplotlib)")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of ``command`` (``"train"`` or ``"find_lr"``) with its real defaults in ``parser.pixelz_defaults``
+    and every argparse default suppressed, so that parsing returns only what the command line set."""
+    description = {"train": "Train a model with pixelz_dist.",
+                   "find_lr": "Find a learning rate for training with pixelz_dist."}[command]
+    p = _Parser(prog=COMMANDS[command], description=description, formatter_class=_Formatter, allow_abbrev=False,
+                epilog="Exit codes: 0 done, 2 usage error, 75 preempted (resume with --resume auto)"
+                if command == "train" else "Exit codes: 0 a suggestion, 1 no suggestion, 2 usage error")
+    _add_common(p, train=command == "train")
+    (_add_train if command == "train" else _add_find_lr)(p)
+    p.pixelz_defaults = {}
+    for action in p._actions:
+        if action.dest != "help":
+            p.pixelz_defaults[action.dest] = {} if action.dest in TABLES else action.default
+            action.pixelz_default = action.default
+            action.default = argparse.SUPPRESS
+    return p
+
+
+def option_specs(p: argparse.ArgumentParser) -> dict[str, OptionSpec]:
+    """What a config file may set for this parser, and as which type."""
+    specs = {}
+    for a in p._actions:
+        if a.dest in ("help", *META):
+            continue
+        if a.dest in TABLES:
+            kind = "table"
+        elif isinstance(a, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+            kind = "flag"
+        else:
+            kind = "list" if a.nargs in ("+", "*") else "scalar"
+        specs[a.dest] = OptionSpec(a.dest, a.option_strings[0], kind, a.type or str,
+                                   tuple(a.choices) if a.choices else None)
+    return specs
+
+
+def _canonical_argv(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Accept ``--batch_size`` for ``--batch-size`` (and the old tool's misspellings); refuse one option given in two
+    different spellings (``--snapshot-prefix a --snapshot_prefix b``, ``--shuffle --no-shuffle``). The same
+    spelling twice is fine: the last wins, so a script's ``--resume auto`` can be overridden by its caller."""
+    known = p._option_string_actions
+    seen: dict[str, str] = {}
+    out = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + argv[i:]
+        name, eq, value = token.partition("=")
+        if not name.startswith("--"):
+            out.append(token)
+            continue
+        canonical = name if name in known else "--" + name[2:].replace("_", "-")
+        canonical = "--" + LEGACY_NAMES.get(canonical[2:].replace("-", "_"), canonical[2:]).replace("_", "-")
+        if canonical not in known:
+            out.append(token)
+            continue
+        dest = known[canonical].dest
+        if dest in seen and seen[dest] != name:
+            fail(f"{seen[dest]} and {name} both given: they set the same option; give it once")
+        seen[dest] = name
+        out.append(canonical + eq + value)
+    return out
+
+
+def parse(command: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The resolved options of ``command`` from ``argv`` and its ``--config`` file; exits 2 on a usage error and
+    prints the configuration and exits 0 with ``--print-config``."""
+    p = build_parser(command)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = vars(p.parse_args(_canonical_argv(p, argv)))
+    try:
+        for key in TABLES:
+            if key in given:
+                given[key] = parse_assignments(given[key], p._option_string_actions[
+                    "--" + key.replace("_", "-")].option_strings[0])
+        config_path = given.pop("config", None)
+        print_config = given.pop("print_config", False)
+        from_file = {}
+        specs = option_specs(p)
+        if config_path:
+            other = build_parser("find_lr" if command == "train" else "train").pixelz_defaults
+            from_file = check_table(load_toml(config_path), specs, f"--config {config_path!r}",
+                                    ignored=frozenset(other) - frozenset(specs))
+        defaults = {k: v for k, v in p.pixelz_defaults.items() if k not in META}
+        values, notes = merge(defaults, from_file, given, EXCLUSIVE, {k: s.flag for k, s in specs.items()},
+                              DEPENDENTS)
+        _finish(command, values)
+    except ConfigError as e:
+        fail(str(e))
+    opts = argparse.Namespace(**values)
+    opts.notes = notes
+    if print_config:
+        from .config import dump_toml
+
+        sys.stdout.write(dump_toml(values, f"{COMMANDS[command]} (resolved configuration)"))
+        sys.exit(0)
+    return opts
+
+
+def config_values(opts: argparse.Namespace) -> dict:
+    """The resolved options as saved beside a run (loadable with ``--config``). ``resume`` is left out: it says how
+    one invocation starts, not what the run is (repeat the run with ``--config FILE``, continue it with
+    ``--config FILE --resume auto``)."""
+    return {k: v for k, v in vars(opts).items() if k not in ("notes", "resume")}
+
+
+def _finish(command: str, v: dict) -> None:
+    """Fill the defaults that depend on other options and check the combinations; raises ConfigError."""
+    if not v["demo"] and not v["model"]:
+        raise ConfigError("no model: pass --model package.module:factory (or --demo)")
+    if not v["demo"] and not v["data"] and not v["dataset"]:
+        raise ConfigError("no data: pass --data DIR [DIR ...] or --dataset package.module:factory (or --demo)")
+    for key, needs in (("modes", "data"), ("model_arg", "model"), ("dataset_arg", "dataset")):
+        if v[key] and not v[needs]:
+            raise ConfigError(f"--{key.replace('_', '-')} needs --{needs}")
+    if v["modes"] and len(v["modes"]) != len(v["data"]):
+        raise ConfigError(f"--modes has {len(v['modes'])} entries for {len(v['data'])} --data folders; give one per "
+                          "folder")
+    for folder in v["data"] or ():
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--data folder {folder!r} does not exist" if not os.path.exists(folder) else
+                              f"--data {folder!r} is not a folder")
+    if v["optimizer"] != "sgd" and v["momentum"] is not None:
+        raise ConfigError(f"--momentum is for sgd; {v['optimizer']} has betas (leave --momentum out)")
+    if v["optimizer"] == "sgd" and v["momentum"] is None:
+        v["momentum"] = 0.9
+    if v["weight_decay"] is None:
+        v["weight_decay"] = 0.01 if v["optimizer"] == "adamw" else 0.0
+    if v["demo"] and not v["demo_dir"]:
+        v["demo_dir"] = os.path.join(tempfile.gettempdir(), "pixelz_dist_demo")
+    if command == "train":
+        _finish_train(v)
+    else:
+        if v["result_file"] is None:
+            v["result_file"] = os.path.join(v["demo_dir"] if v["demo"] else "", "lr_finder", "results.npz")
+        if v["resume"] is not None and not os.path.isfile(v["resume"]):
+            raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file")
+
+
+def _finish_train(v: dict) -> None:
+    if v["epochs"] is None and v["iters"] is None:
+        if not v["demo"]:
+            raise ConfigError("how long to train: pass --epochs N or --iters N")
+        v["epochs"] = 5
+    if v["demo"] and not v["snapshot_prefix"]:
+        v["snapshot_prefix"] = os.path.join(v["demo_dir"], "snapshots", "demo")
+    if v["resume"] == "auto" and not v["snapshot_prefix"]:
+        raise ConfigError("--resume auto looks for the newest snapshot of --snapshot-prefix: pass --snapshot-prefix")
+    if v["resume"] not in (None, "auto") and not os.path.isfile(v["resume"]):
+        raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file (or 'auto' for the newest of "
+                          "--snapshot-prefix)")
+    sched = v["scheduler"]
+    if sched == "step" and not v["step_size"]:
+        raise ConfigError("--scheduler step needs --step-size N")
+    if sched == "multistep" and not v["milestones"]:
+        raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
+    if sched == "onecycle":
+        v["schedule_on_iter"] = True
+    if v["tensorboard"]:
+        from ..callbacks.tensorboard import check_tensorboard
+
+        check_tensorboard()
+
+
+def setup_logging() -> None:
+    """INFO lines on stderr when nothing else configured logging; ranks other than 0 only warn."""
+    ensure_handler()
+    if not read_env().is_main:
+        library_logger.setLevel(logging.WARNING)

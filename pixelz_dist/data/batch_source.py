@@ -1,0 +1,94 @@
+"""Where the loop's batches come from, and the one owner of the data position.
+
+A *batch source* wraps either a map-style dataset (:class:`~pixelz_dist.data.dataset_source.DatasetSource`: our
+sampler, order a pure function of (seed, epoch)) or a DataLoader the user built
+(:class:`~pixelz_dist.data.user_loader.UserLoaderSource`). Either way it owns where training stands in the data:
+``epoch`` and ``position``, the progress through that epoch in the source's own unit (global samples for a dataset,
+batches for a user's loader). Snapshots store that state through ``state_dict`` / ``load_state_dict``; nothing else
+in the library counts samples or batches seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+
+from ..errors import SnapshotError
+
+logger = logging.getLogger(__name__)
+
+_WHAT = {"dataset": "a dataset", "user_loader": "a DataLoader"}
+
+
+class BatchSource(ABC):
+    """The part both sources share: the position, the restore policy, the snapshot state's common keys.
+
+    Subclasses set ``kind`` and ``unit`` and implement ``epoch_size``, ``begin_epoch``, ``advance``,
+    ``samples_between``, ``digest``, ``batches_from``, ``samples_in_epoch``, ``batches_in_epoch``, ``close`` and the
+    ``_sampling_state`` / ``_restore_sampling`` pair.
+
+    Args:
+        restore_position: when loading a snapshot taken mid-epoch, continue at its exact position (False: at the start
+            of the next epoch, the seed tool's behaviour).
+        iter_size: recorded in snapshots, to warn when a resume changes it.
+    """
+
+    kind = "?"
+    unit = "?"
+    read_ahead = True  # fetching beyond the current window changes nothing a snapshot records
+
+    def __init__(self, restore_position: bool = True, iter_size: int = 1):
+        self.epoch = 0
+        self.position = 0
+        self.restore_position = restore_position
+        self.iter_size = iter_size
+        #: set by ``load_state_dict`` when the rest of the snapshot's epoch is skipped (the epoch has then ended)
+        self.skipped_rest_of_epoch = False
+
+    @property
+    @abstractmethod
+    def epoch_size(self) -> int | None:
+        """Positions in one epoch (None: unknown, a loader without a length)."""
+
+    def epoch_fraction(self) -> float:
+        size = self.epoch_size
+        return self.epoch + (self.position / size if size else 0.0)
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.position = 0
+
+    # -- snapshots --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "epoch": self.epoch, "position": self.position, "iter_size": self.iter_size,
+                **self._sampling_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_rest_of_epoch = False
+        self.epoch, position = int(state["epoch"]), int(state["position"])
+        if not self.restore_position:
+            self.position = 0
+            if position > 0:
+                logger.info("restore_dataloader=False: skipping the rest of epoch %d (%d %s were done); training "
+                            "goes on at the start of epoch %d", self.epoch, position, self.unit, self.epoch + 1)
+                self.skip_rest_of_epoch()
+            return
+        if state.get("kind", "dataset") != self.kind:
+            raise SnapshotError(
+                f"it was written by a run that trained from {_WHAT.get(state.get('kind'), state.get('kind'))}, and "
+                f"this run passes {_WHAT[self.kind]}: the data position cannot be carried over. HINT: pass the same "
+                "kind of data as the run that wrote it, or resume with restore_dataloader=False.")
+        self.position = position
+        self._restore_sampling(state)
+
+    def skip_rest_of_epoch(self) -> None:
+        self.end_epoch()
+        self.skipped_rest_of_epoch = True
+
+    @abstractmethod
+    def _sampling_state(self) -> dict:
+        """What decides the order of the samples (saved beside the position)."""
+
+    @abstractmethod
+    def _restore_sampling(self, state: dict) -> None:
+        """Put sampling back as the snapshot had it; ``self.position`` is already set (and may be given up)."""

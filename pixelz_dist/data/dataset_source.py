@@ -1,0 +1,118 @@
+"""Batches from a map-style dataset: our resumable sampler, a DataLoader over it, per-batch seeds.
+
+The position is a count of *global* samples consumed in the epoch, the same number whatever the world size or batch
+size, which is what lets a run resume with another number of processes without repeating or skipping a sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..distributed.preemption import ignore_preemption_signals
+from ..errors import DataError
+from .batch_source import BatchSource
+from .sampler import ResumableBatchSampler, batches_in
+from .seeding import SeededDataset, draws_no_random_numbers
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetSource(BatchSource):
+    """Owns sampling for a map-style dataset: order a pure function of (seed, epoch), skip by index, per-batch seeds.
+
+    Args:
+        dataset: the map-style dataset.
+        settings: the run's settings (batch size, shuffle, seed, drop_last, seed_data, collate_fn, iter_size,
+            restore_dataloader).
+        env: this process's place in the job (its shard).
+        pin_memory, num_workers, persistent_workers: for the DataLoader.
+    """
+
+    kind = "dataset"
+    unit = "samples"
+
+    def __init__(self, dataset, settings, env, pin_memory: bool, num_workers: int, persistent_workers: bool):
+        s = settings
+        super().__init__(restore_position=s.restore_dataloader, iter_size=s.iter_size)
+        self.num_samples = len(dataset)
+        seed_data = (not draws_no_random_numbers(dataset)) if s.seed_data is None else s.seed_data
+        self.sampler = ResumableBatchSampler(self.num_samples, s.batch_size, shuffle=s.shuffle, seed=s.seed,
+                                             rank=env.rank, world_size=env.world_size, drop_last=s.drop_last,
+                                             with_seeds=seed_data)
+        if self.sampler.batches_per_epoch() == 0:
+            raise DataError(f"the dataset has {self.num_samples} samples, fewer than one global batch of "
+                            f"{self.sampler.global_batch}, and drop_last=True leaves nothing to train on. "
+                            "HINT: lower batch_size or set drop_last=False.")
+        self.dataset = dataset
+        self.batch_size, self.world_size, self.drop_last = s.batch_size, env.world_size, s.drop_last
+        self.loader = DataLoader(SeededDataset(dataset) if seed_data else dataset, batch_sampler=self.sampler,
+                                 num_workers=num_workers, collate_fn=s.collate_fn, pin_memory=pin_memory,
+                                 persistent_workers=persistent_workers and num_workers > 0,
+                                 worker_init_fn=ignore_preemption_signals,
+                                 generator=torch.Generator())  # never draw from the global RNG: resume stays exact
+
+    @property
+    def epoch_size(self) -> int:
+        return self.num_samples
+
+    def begin_epoch(self):
+        """``(iterator or None, batches left for this rank)`` for the current epoch from the current position."""
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(self.epoch)  # before iter(): new workers get the dataset as it is now
+        self.sampler.set_epoch(self.epoch, self.position)
+        remaining = len(self.sampler)
+        return (iter(self.loader) if remaining else None), remaining
+
+    def advance(self, batches: int) -> tuple[int, int]:
+        """``batches`` more batches are done on every rank; returns the positions before and after."""
+        begin = self.position
+        self.position = min(begin + batches * self.sampler.global_batch, self.num_samples)
+        return begin, self.position
+
+    def samples_between(self, begin: int, end: int) -> int:
+        return end - begin
+
+    def digest(self, begin: int, end: int) -> str:
+        return self.sampler.order_digest(begin, end)
+
+    def batches_from(self, position: int) -> int:
+        """This rank's batches from ``position`` to the end of an epoch."""
+        return batches_in(self.num_samples - position, self.sampler.global_batch, self.drop_last)
+
+    @property
+    def samples_in_epoch(self) -> int:
+        return self.position
+
+    @property
+    def batches_in_epoch(self) -> int:
+        return math.ceil(self.position / self.sampler.global_batch)
+
+    def close(self) -> None:
+        self.loader = None  # the last reference: persistent workers shut down now, not at interpreter exit
+
+    # -- snapshots ----------------------------------------------------------------------------------------------------
+    def _sampling_state(self) -> dict:
+        return {"seed": self.sampler.seed, "shuffle": self.sampler.shuffle, "batch_size": self.batch_size,
+                "world_size": self.world_size, "num_samples": self.num_samples, "drop_last": self.drop_last}
+
+    def _restore_sampling(self, state: dict) -> None:
+        if state["seed"] != self.sampler.seed:
+            logger.warning("the snapshot was trained with seed %d, this call passes %d: the snapshot's seed is kept "
+                           "so the data order continues", state["seed"], self.sampler.seed)
+            self.sampler.seed = int(state["seed"])
+        now = {"batch_size": self.batch_size, "iter_size": self.iter_size, "world_size": self.world_size,
+               "shuffle": self.sampler.shuffle}
+        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state.get(k) != v]
+        if changed:
+            logger.warning("resuming with %s: the data position is kept in samples (%d into epoch %d), so no "
+                           "sample is skipped or repeated, but the run is no longer bit-identical to the "
+                           "original", ", ".join(changed), self.position, self.epoch)
+        if state.get("num_samples") != self.num_samples:
+            logger.warning("the dataset had %s samples when the snapshot was written and has %d now",
+                           state.get("num_samples"), self.num_samples)
+            if self.position >= self.num_samples:
+                self.skip_rest_of_epoch()

@@ -1,0 +1,354 @@
+"""Datasets whose samples are several images taken from parallel folders (inputs, hints, targets).
+
+The folders are scanned once with ``os.scandir`` and no image is opened until it is asked for, so building a
+dataset over a hundred thousand files takes a fraction of a second, and the object holds only strings and
+module-level callables so it pickles cleanly into DataLoader workers. Images are decoded by
+:func:`~pixelz_dist.images.fast_img_loader` (libjpeg-turbo for JPEG, Pillow's pixels).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .images import check_mode, fast_img_loader, jpeg_backend
+
+__all__ = ["IMAGE_EXTENSIONS", "MultiImgsDataset", "natural_key", "pil_loader", "scan_images"]
+
+logger = logging.getLogger(__name__)
+
+#: Lower-case extensions treated as images; anything else in a folder is ignored.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+#: Modes :func:`pil_loader` keeps as they are, so grey and high-bit-depth images are not inflated to 8-bit RGB.
+_KEEP_MODES = frozenset({"L", "I", "F"})
+
+_MATCH_MODES = ("stem", "sorted")
+_ON_ERROR = ("raise", "skip")
+_KINDS = ("image", "mask")
+_MAX_LISTED = 5
+_DIGITS = re.compile(r"\d+")
+
+
+def _pad_digits(m: re.Match) -> str:
+    digits = m.group().lstrip("0") or "0"
+    return f"{len(digits):03d}{digits}"  # length first, so string order is numeric order
+
+
+def natural_key(name: str) -> str:
+    """Sort key under which ``img2`` comes before ``img10``, as people number files.
+
+    Letters compare case-insensitively; the raw name breaks ties so the order is total and stable. The key is one
+    string (digit runs rewritten as length + digits) because comparing strings is several times faster than
+    comparing tuples, which matters when sorting 100 000 names.
+    """
+    return _DIGITS.sub(_pad_digits, name.lower()) + "\x00" + name
+
+
+def pil_loader(path: str) -> Image.Image:
+    """Open an image with Pillow, fully decoded so the file handle is closed on return.
+
+    Grey-level (``L``), 16/32-bit integer (``I;16*``, ``I``) and float (``F``) images keep their mode, since
+    masks and depth maps lose meaning as RGB; everything else (palette, RGBA, CMYK, 1-bit, ...) becomes ``RGB``.
+    :func:`~pixelz_dist.images.fast_img_loader` with ``mode="auto"`` follows the same policy, faster.
+    """
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in _KEEP_MODES or img.mode.startswith("I;16"):
+            return img
+        return img.convert("RGB")
+
+
+def _scan(folder: str) -> list[str]:
+    # Unsorted: with stem matching only the first folder's stems need sorting.
+    try:
+        with os.scandir(folder) as it:
+            names = [
+                e.name
+                for e in it
+                # rfind rather than os.path.splitext: this runs once per name, 100 000s of times.
+                if e.name[0] != "." and e.name[e.name.rfind(".") :].lower() in IMAGE_EXTENSIONS and e.is_file()
+            ]
+    except FileNotFoundError as exc:
+        raise DataError(f"image folder {folder!r} does not exist") from exc
+    except NotADirectoryError as exc:
+        raise DataError(f"image folder {folder!r} is not a directory") from exc
+    if not names:
+        raise DataError(f"image folder {folder!r} holds no image files (extensions: {sorted(IMAGE_EXTENSIONS)})")
+    return names
+
+
+def scan_images(folder: str) -> list[str]:
+    """Names of the image files directly inside ``folder``, in natural order.
+
+    Hidden files (leading dot) and non-images are skipped, which also ignores editors' and writers' temp files.
+
+    Raises:
+        DataError: the folder does not exist, is not a directory, or holds no image.
+    """
+    return sorted(_scan(folder), key=natural_key)
+
+
+def _stem(name: str) -> str:
+    # Only called on names that passed the extension filter, so a dot is always there and not leading.
+    return name[: name.rfind(".")]
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(repr(s) for s in items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _per_folder(value: Any, n: int, what: str, dirs: list[str]) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"{what} must be a list with one entry per folder, got {value!r}")
+    if len(value) != n:
+        raise ConfigError(f"got {len(value)} {what} for {n} folders ({dirs}); give one per folder")
+    return list(value)
+
+
+def _to_tensor(img: Any) -> torch.Tensor:
+    """What a custom loader returned, as the ``C x H x W`` tensor a tv_tensor wraps."""
+    if isinstance(img, torch.Tensor):
+        return img
+    if isinstance(img, Image.Image):
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        return pil_to_tensor(img)
+    if isinstance(img, np.ndarray):
+        arr = np.ascontiguousarray(img)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # np.asarray(PIL image) is read-only
+        return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    raise TypeError(f"the loader returned {type(img).__name__}; a joint transform needs a PIL image, array or tensor")
+
+
+class MultiImgsDataset(Dataset):
+    """Samples made of one image from each of several folders, e.g. ``(photo, hint, mask)``.
+
+    Sample ``i`` is the ``i``-th file of every folder after matching. With ``match="stem"`` (default) files pair
+    by name without extension, so ``0001.png`` in one folder goes with ``0001.jpg`` in another and a missing file
+    is reported rather than silently shifting every later pair. ``match="sorted"`` pairs files by their natural
+    sorted position, for legacy data whose folders use different names; only the counts can be checked then.
+
+    Transforms come in two forms. A list gives one callable (or ``None``) per folder, applied to that folder's
+    image alone (torchvision v1 or v2, PIL or tensor based: the default loader gives PIL images). A single
+    torchvision ``transforms.v2`` transform is *joint*: it is called once per sample as ``transform(*images)`` on
+    ``tv_tensors.Image`` / ``tv_tensors.Mask`` tensors (see ``kinds``), so a random crop, flip or rotation is the
+    same on the inputs and their masks, and masks are never interpolated or colour-jittered. tv_tensor outputs come
+    back as plain tensors. Random transforms draw from torch's global RNG, which the training engine seeds per
+    batch: augmented runs are reproducible and resumable.
+
+    Example::
+
+        ds = MultiImgsDataset(["data/rgb", "data/hint", "data/mask"],
+                              v2.Compose([v2.RandomResizedCrop(256), v2.RandomHorizontalFlip(),
+                                          v2.ToDtype(torch.float32, scale=True)]),
+                              modes=["RGB", "L", "L"], kinds=["image", "image", "mask"])
+        rgb, hint, mask = ds[0]  # float 3xHxW, float 1xHxW, uint8 1xHxW; model(*batch) takes a batch of them
+
+    Args:
+        dirs: One folder per image of a sample, in the order ``__getitem__`` returns them.
+        transforms: ``None``, a list with one callable (or ``None``) per folder, or one joint v2 transform.
+        loader: ``callable(path) -> image``, or ``callable(path, mode)`` when ``modes`` is given; defaults to
+            :func:`~pixelz_dist.images.fast_img_loader` (PIL images, or ``C x H x W`` uint8 tensors for a joint
+            transform). Must be picklable for workers: a module-level function or a ``functools.partial`` of one.
+        modes: Per folder, the mode to decode to: ``"RGB"``, ``"L"``, ``"unchanged"``, ``"auto"`` or a Pillow mode.
+            Default: ``"auto"`` for every folder (grey and 16-bit images kept, everything else RGB).
+        kinds: Per folder, ``"image"`` or ``"mask"``, for a joint transform. Default: all ``"image"``.
+        match: ``"stem"`` or ``"sorted"``.
+        on_error: ``"raise"`` (default): a file that cannot be decoded raises a ``DataError`` naming the file and the
+            folder. ``"skip"``: log it once and return the next sample (wrapping around) whose files all decode, so
+            the substitute is deterministic; ``DataError`` only if no sample decodes.
+
+    Attributes:
+        dirs: The folders, as strings.
+        files: Per folder, the full paths of its files in sample order.
+        stems: Per sample, the shared stem (with ``match="sorted"``: the stems of the first folder).
+
+    Raises:
+        ConfigError: bad ``dirs``, ``transforms``, ``modes``, ``kinds``, ``match`` or ``on_error``.
+        DataError: a folder is missing or empty, or the folders do not pair up (both are ``ValueError``).
+    """
+
+    def __init__(
+        self,
+        dirs: Sequence[str | os.PathLike[str]],
+        transforms: Sequence[Callable[[Any], Any] | None] | Callable[..., Any] | None = None,
+        loader: Callable[..., Any] | None = None,
+        *,
+        modes: Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None,
+        match: str = "stem",
+        on_error: str = "raise",
+    ) -> None:
+        if isinstance(dirs, (str, bytes, os.PathLike)):
+            raise ConfigError(f"dirs must be a list of folders, not a single path {dirs!r}")
+        self.dirs: list[str] = [os.fspath(d) for d in dirs]
+        if not self.dirs:
+            raise ConfigError("dirs is empty: a MultiImgsDataset needs at least one folder")
+        n = len(self.dirs)
+        if match not in _MATCH_MODES:
+            raise ConfigError(f"match must be one of {_MATCH_MODES}, got {match!r}")
+        if on_error not in _ON_ERROR:
+            raise ConfigError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+        self.match, self.on_error = match, on_error
+        self._set_transforms(transforms)
+
+        if loader is not None and not callable(loader):
+            raise ConfigError(f"loader must be callable, got {loader!r}")
+        self.loader: Callable[..., Any] = loader if loader is not None else fast_img_loader
+        self._pass_mode = loader is None or modes is not None
+        self.modes: list[str] = ["auto"] * n if modes is None else _per_folder(modes, n, "modes", self.dirs)
+        self.kinds: list[str] = ["image"] * n if kinds is None else _per_folder(kinds, n, "kinds", self.dirs)
+        bad = [k for k in self.kinds if k not in _KINDS]
+        if bad:
+            raise ConfigError(f"kinds must each be one of {_KINDS}, got {bad}")
+        if loader is None:
+            for mode in self.modes:
+                check_mode(mode)
+            jpeg_backend()  # choose and log the decoder once, here, rather than in every worker
+
+        names = [_scan(d) for d in self.dirs]
+        if match == "stem":
+            self.stems, per_folder = self._match_by_stem(names)
+        else:
+            self.stems, per_folder = self._match_sorted(names)
+        # os.path.join(d, "") appends the separator exactly as os.path.join(d, name) would; concatenation is faster.
+        self.files: list[list[str]] = [
+            [prefix + name for name in folder_names]
+            for prefix, folder_names in zip((os.path.join(d, "") for d in self.dirs), per_folder)
+        ]
+        self._bad: set[int] = set()
+        self._first_error: DataError | None = None
+        logger.debug("MultiImgsDataset: %d samples from %d folders (match=%s)", len(self.stems), n, match)
+
+    def _set_transforms(self, transforms: Any) -> None:
+        n = len(self.dirs)
+        self.joint_transform: Callable[..., Any] | None = None
+        self.transforms: list[Callable[[Any], Any] | None] = [None] * n
+        if transforms is None:
+            return
+        if callable(transforms) and not isinstance(transforms, Sequence):
+            module = type(transforms).__module__
+            if module.startswith("torchvision.transforms") and not module.startswith("torchvision.transforms.v2"):
+                raise ConfigError(
+                    f"{type(transforms).__name__} is a torchvision v1 transform, which cannot transform several "
+                    "images jointly; HINT: use torchvision.transforms.v2, or pass a list with one transform per folder"
+                )
+            self.joint_transform = transforms
+            return
+        self.transforms = _per_folder(transforms, n, "transforms", self.dirs)
+        for i, t in enumerate(self.transforms):
+            if t is not None and not callable(t):
+                raise ConfigError(f"transform {i} (for folder {self.dirs[i]!r}) is not callable: {t!r}")
+
+    def _match_by_stem(self, names: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+        by_stem: list[dict[str, str]] = []
+        for d, folder_names in zip(self.dirs, names):
+            mapping = {_stem(n): n for n in folder_names}
+            if len(mapping) != len(folder_names):
+                seen: dict[str, str] = {}
+                dups = []
+                for n in sorted(folder_names, key=natural_key):
+                    s = _stem(n)
+                    if s in seen:
+                        dups.append(f"{seen[s]} / {n}")
+                    seen[s] = n
+                raise DataError(
+                    f"folder {d!r} holds several images with the same stem, so they cannot be paired: {_listing(dups)}"
+                )
+            by_stem.append(mapping)
+
+        reference = by_stem[0].keys()
+        if any(m.keys() != reference for m in by_stem[1:]):
+            every = set().union(*(m.keys() for m in by_stem))
+            counts = ", ".join(f"{d!r} has {len(m)} files" for d, m in zip(self.dirs, by_stem))
+            missing = "; ".join(
+                f"missing from {d!r}: {_listing(sorted(every - m.keys(), key=natural_key))}"
+                for d, m in zip(self.dirs, by_stem)
+                if len(m) != len(every)
+            )
+            raise DataError(f"image folders do not hold the same file stems: {counts}; {missing}")
+
+        stems = sorted(reference, key=natural_key)
+        return stems, [[m[s] for s in stems] for m in by_stem]
+
+    def _match_sorted(self, names: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+        counts = [len(n) for n in names]
+        if len(set(counts)) != 1:
+            listed = ", ".join(f"{d!r} has {c} files" for d, c in zip(self.dirs, counts))
+            raise DataError(f"image folders hold different numbers of files (match='sorted'): {listed}")
+        names = [sorted(n, key=natural_key) for n in names]
+        return [_stem(n) for n in names[0]], names
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def load(self, index: int, folder: int) -> Any:
+        """Load one image, untransformed; the single place that turns decoding failures into ``DataError``."""
+        path = self.files[folder][index]
+        where = f"folder {self.dirs[folder]!r}, sample {index}"
+        try:
+            if self.loader is fast_img_loader:
+                return fast_img_loader(path, self.modes[folder], as_tensor=self.joint_transform is not None)
+            if self._pass_mode:
+                return self.loader(path, self.modes[folder])
+            return self.loader(path)
+        except DataError as exc:  # fast_img_loader's message already names the file
+            raise DataError(f"{exc} ({where})") from exc
+        except Exception as exc:
+            raise DataError(f"cannot load image {path!r} ({where}): {type(exc).__name__}: {exc}") from exc
+
+    def _load_sample(self, index: int) -> list[Any]:
+        n = len(self.stems)
+        for i in (index + k if index + k < n else index + k - n for k in range(n)):
+            if i in self._bad:
+                continue
+            try:
+                return [self.load(i, k) for k in range(len(self.dirs))]
+            except DataError as exc:
+                if self.on_error == "raise":
+                    raise
+                self._bad.add(i)
+                self._first_error = self._first_error or exc
+                logger.warning("skipping sample %d (on_error='skip'): %s", i, exc)
+        raise DataError(
+            f"no sample of {self!r} can be loaded (on_error='skip'); first error: {self._first_error}"
+        ) from self._first_error
+
+    def _apply_joint(self, images: list[Any]) -> tuple[Any, ...]:
+        from torchvision import tv_tensors
+
+        wrapped = [
+            tv_tensors.Mask(_to_tensor(img)) if kind == "mask" else tv_tensors.Image(_to_tensor(img))
+            for img, kind in zip(images, self.kinds)
+        ]
+        out = self.joint_transform(*wrapped)
+        if len(wrapped) == 1 and not isinstance(out, (tuple, list)):
+            out = (out,)
+        # Plain tensors: collation and model(*batch) need nothing from the tv_tensor subclasses.
+        return tuple(x.as_subclass(torch.Tensor) if isinstance(x, tv_tensors.TVTensor) else x for x in out)
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        n = len(self.stems)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"sample index {index} out of range for {n} samples")
+        images = self._load_sample(index)
+        if self.joint_transform is not None:
+            return self._apply_joint(images)
+        return tuple(img if t is None else t(img) for img, t in zip(images, self.transforms))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dirs={self.dirs!r}, samples={len(self)}, match={self.match!r})"

@@ -1,0 +1,396 @@
+"""The training loop behind :func:`~pixelz_dist.engine.train_model.train_model`, composed from parts.
+
+Pseudocode of one run::
+
+    place the model (device, SyncBN); resume every part from a snapshot (optional); wrap it (DDP, compile)
+    while not done:
+        source.begin_epoch()                                   # from its position: skipped batches are not loaded
+        for each window of iter_size micro-batches (shorter only at the epoch's end):
+            for each micro-batch:  (loss(model(*batch)) / window).backward()    # no_sync() but for the last
+            callbacks.on_after_backward; optimizer.step(); optimizer.zero_grad()
+            iteration += 1; source.advance(window); scheduler per iteration; callbacks.on_iteration_end
+            at the epoch's end: source.end_epoch(); scheduler per epoch; callbacks.on_epoch_end
+            requests settled (under torchrun: agreed over ranks, one iteration late, without blocking)
+            every display_iter: one log line + one metrics row (the only regular host sync)
+            snapshot when due or requested; stop at num_iters / num_epochs / an agreed request
+    final snapshot; callbacks.on_train_end
+
+Who owns what: the data position is the batch source's (``data/``), placement and wrapping
+:class:`~pixelz_dist.distributed.prepare.PreparedModel`'s, snapshots the
+:class:`~pixelz_dist.checkpoint.checkpointer.Checkpointer`'s (over the parts listed in :meth:`Engine._parts`),
+requests :class:`~pixelz_dist.engine.requests.Requests`', the log line the
+:class:`~pixelz_dist.engine.report.Reporter`'s. The loop only moves batches and counts iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+
+import torch
+import torch.distributed as tdist
+from torch.utils.data import DataLoader
+
+from ..callbacks.base import CallbackList
+from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.order_record import open_order_record
+from ..checkpoint.parts import ModelState, OptimizerState, SchedulerState
+from ..checkpoint.rng import RNGState
+from ..checkpoint.schedule import SnapshotSchedule
+from ..data.dataset_source import DatasetSource
+from ..data.device_feed import DeviceFeed
+from ..data.user_loader import UserLoaderSource
+from ..distributed.env import collective_device, default_num_workers, is_initialized, read_env, sum_over_ranks
+from ..distributed.preemption import Preempted, PreemptionFlag
+from ..distributed.prepare import prepare_model
+from ..errors import PixelzError
+from ..fileio import AppendFile
+from .model_call import call_model, extract_loss
+from .precision import MixedPrecision
+from .report import Reporter
+from .requests import Requests, agreement_group
+from .scheduling import SchedulerStepper
+from .settings import RunSettings
+from .state import Progress, TrainState
+
+logger = logging.getLogger(__name__)
+
+NO_CONTEXT = contextlib.nullcontext()
+
+
+class Engine:
+    """Owns one run: builds its parts from the settings, resumes them, runs the loop. Built by ``train_model``."""
+
+    def __init__(self, model, optimizer, scheduler, dataset, settings: RunSettings, callbacks=()):
+        self.s = s = settings
+        self.model, self.optimizer, self.scheduler, self.dataset = model, optimizer, scheduler, dataset
+        self.env = env = read_env()
+        self.distributed = env.is_distributed
+        if self.distributed and not is_initialized():
+            raise PixelzError(f"WORLD_SIZE={env.world_size} but no process group exists. HINT: call train_model "
+                              "directly (it creates the group), or wrap your code in "
+                              "pixelz_dist.distributed.env.process_group().")
+        self.prepared = prepare_model(model, env, sync_bn=s.sync_bn, channels_last=s.channels_last,
+                                      compile=s.compile, ddp_kwargs=s.ddp_kwargs, backend=s.backend)
+        self.device = device = self.prepared.device
+        self.comm_device = collective_device(device)
+        self.callbacks = CallbackList(callbacks)
+        if isinstance(dataset, DataLoader):
+            self.source = UserLoaderSource(dataset, env, restore_position=s.restore_dataloader, iter_size=s.iter_size)
+            self.num_workers = dataset.num_workers
+        else:
+            plan = self.prepared.plan
+            workers = default_num_workers(plan.local_processes) if s.num_workers is None else s.num_workers
+            # a dataset (or a callback) that changes the data between epochs needs workers that see the change
+            persistent = not callable(getattr(dataset, "set_epoch", None)) and not self.callbacks.changes_dataset
+            self.source = DatasetSource(dataset, s, env, plan.pin_memory, workers, persistent)
+            self.num_workers = workers
+        self.feed = DeviceFeed(device, s.channels_last, ahead=s.prefetch and self.source.read_ahead)
+        self.precision = MixedPrecision(s.amp, device)
+        self.progress = Progress()
+        self.stepper = SchedulerStepper(scheduler, s.schedule_on_iter, device, self.comm_device)
+        self.preemption = PreemptionFlag()
+        self._group, self._group_made_here = agreement_group() if self.distributed else (None, False)
+        self.requests = Requests(self.preemption, self.distributed, self._group)
+        self.state = TrainState(self)
+        self.schedule = SnapshotSchedule(s.snapshot_interval, by_epochs=s.num_epochs is not None)
+        log_prefix = (s.log_prefix or s.snapshot_prefix) if env.is_main else None
+        self.order = open_order_record(log_prefix) if log_prefix else None
+        self.reporter = Reporter(AppendFile(f"{log_prefix}_metrics.jsonl") if log_prefix else None, env.world_size,
+                                 self.comm_device, s.display_gpu, device)
+        self.checkpointer = Checkpointer(s.snapshot_prefix, self._parts(), env, keep_last=s.keep_last,
+                                         meta={"optimizer": type(optimizer).__name__})
+        self._last_losses: list = []
+        self.bare_micro_batches = False  # no DDP, no autocast: the micro-batch loop runs without context managers
+
+    def _parts(self) -> dict:
+        """What a snapshot holds, in restore order: the random state last, after everything that might draw."""
+        return {"model": ModelState(self.model, strict=self.s.strict_load),
+                "optimizer": OptimizerState(self.optimizer),
+                "scheduler": SchedulerState(self.scheduler),
+                "progress": self.progress,
+                "epoch_loss": self.stepper,
+                "grad_scaler": self.precision,
+                "data": self.source,
+                "callbacks": self.callbacks,
+                "rng": RNGState()}
+
+    # -- counters -----------------------------------------------------------------------------------------------
+    def iterations_per_epoch(self, start: int = 0) -> int | None:
+        batches = self.source.batches_from(start)
+        return None if batches is None else math.ceil(batches / self.s.iter_size)
+
+    @property
+    def total_iterations(self) -> int | None:
+        if self.s.num_iters is not None:
+            return self.s.num_iters
+        iteration, source = self.progress.iteration, self.source
+        if source.epoch >= self.s.num_epochs:
+            return iteration
+        now, whole = self.iterations_per_epoch(source.position), self.iterations_per_epoch()
+        if now is None or whole is None:
+            return None  # a DataLoader without a length
+        return iteration + now + (self.s.num_epochs - source.epoch - 1) * whole
+
+    @property
+    def last_loss(self):
+        """Mean loss of the last iteration, detached (the loop keeps the raw losses: a detach each costs time)."""
+        return torch.stack([x.detach() for x in self._last_losses]).mean() if self._last_losses else None
+
+    def global_last_loss(self) -> float:
+        loss = self.last_loss
+        if loss is None:
+            return float("nan")
+        if not self.distributed:
+            return loss.item()
+        return sum_over_ranks((loss.detach().double(),), self.comm_device)[0] / self.env.world_size
+
+    def loss_is_finite(self) -> bool:
+        """Whether the current iteration's loss is finite on every rank (a host sync; a collective under DDP)."""
+        ok = torch.isfinite(torch.stack([x.detach() for x in self._last_losses])).all()
+        if not self.distributed:
+            return bool(ok)
+        t = ok.to(self.comm_device, torch.int32)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return bool(t)
+
+    def done(self) -> bool:
+        if self.requests.stopping:
+            return True
+        if self.s.num_iters is not None:
+            return self.progress.iteration >= self.s.num_iters
+        return self.source.epoch >= self.s.num_epochs
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def run(self):
+        try:
+            self.resume()  # into the plain module, before DDP wraps it
+            self.forward_model = self.prepared.wrap()
+            self.bare_micro_batches = self.prepared.ddp is None and self.precision.amp is None
+            return self.train()
+        finally:
+            self.prepared.undo()
+            if self._group_made_here:
+                tdist.destroy_process_group(self._group)
+
+    def resume(self) -> None:
+        path, content = self.checkpointer.choose(self.s.load_snapshot_path)
+        if path is None:
+            return
+        self.checkpointer.load(path, content)
+        if self.source.skipped_rest_of_epoch:  # the snapshot's epoch has ended: its scheduler step is due
+            with warnings.catch_warnings():  # torch warns that no optimizer.step() ran yet in this process: expected
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                self.stepper.after_epoch()
+        if self.order is not None:
+            self.order.add(f"# resumed from {path} at iteration {self.progress.iteration}")
+        source = self.source
+        logger.info("resumed from %s: iteration %d, epoch %d, position %d of %s %s", path, self.progress.iteration,
+                    source.epoch, source.position, source.epoch_size, source.unit)
+
+    def train(self):
+        s, source = self.s, self.source
+        self.schedule.start(source.epoch_fraction())
+        world = f", {self.env.world_size} processes" if self.distributed else ""
+        what = (f"{source.num_samples} samples, batch {s.batch_size}" if source.kind == "dataset" else
+                f"your DataLoader ({source.epoch_size} batches per epoch, batch {source.batch_size})")
+        extras = "".join(f", {name}" for name, on in (
+            (f"amp {s.amp}", s.amp), ("channels_last", s.channels_last), ("torch.compile", s.compile),
+            ("LBFGS-style closure", s.closure)) if on)
+        logger.info("training %s on %s%s: %s x iter_size %d, %d DataLoader workers, %s%s",
+                    type(self.model).__name__, self.device, world, what, s.iter_size, self.num_workers,
+                    f"{s.num_iters} iterations" if s.num_iters is not None else
+                    f"{s.num_epochs} epochs ({self.iterations_per_epoch()} iterations each)", extras)
+        self.reporter.start(self.progress.iteration)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients left by the caller must not leak into step 1
+        for hook in self.callbacks.on_train_start:
+            hook(self.state)
+        with self.preemption:  # DataLoader workers start inside: they inherit the flag-setting handlers
+            try:
+                while not self.done():
+                    self.run_epoch()
+            finally:
+                source.close()
+        self.requests.finish()  # the last exchange in flight (under torchrun): every rank waits for it alike
+        if self.reporter.meter.iterations:
+            self.display()
+        if s.snapshot_prefix and self.checkpointer.last_iteration != self.progress.iteration:
+            self.write_snapshot()
+        self.flush_files()
+        if self.requests.stopping:
+            logger.info("stopped at iteration %d: %s", self.progress.iteration, self.requests.stop_reason)
+        for hook in self.callbacks.on_train_end:
+            hook(self.state)
+        return self.model
+
+    def run_epoch(self) -> None:
+        p, source, meter, requests = self.progress, self.source, self.reporter.meter, self.requests
+        for hook in self.callbacks.on_epoch_start:
+            hook(self.state)
+        loader_iter, remaining = source.begin_epoch()
+        batches = self.feed.feed(loader_iter) if loader_iter is not None else None
+        consumed = 0
+        # loop invariants, looked up once per epoch rather than once per step (the budget is ~20 us per step)
+        iter_size, order, on_iteration_end = self.s.iter_size, self.order, self.callbacks.on_iteration_end
+        state, stepper, step_per_iteration = self.state, self.stepper, self.stepper.per_iteration
+        run_iteration = self.run_closure_iteration if self.s.closure else self.run_iteration
+        advance, samples_between = source.advance, source.samples_between
+        display_iter, preemption = self.s.display_iter, self.preemption
+        # after_iteration has work every step only under torchrun (requests agreed on) or with snapshots (one due?)
+        check_every_step = self.distributed or bool(self.s.snapshot_prefix)
+        last_iteration = self.s.num_iters if self.s.num_iters is not None else math.inf  # by epochs: the loop ends
+        while remaining is None or consumed < remaining:
+            if remaining is None:  # a DataLoader without a length: look ahead to know the window
+                window_batches = [b for _, b in zip(range(iter_size), batches)]
+                window = len(window_batches)
+                if window == 0:
+                    break
+                run_iteration(iter(window_batches), window)
+            else:
+                window = min(iter_size, remaining - consumed)
+                run_iteration(batches, window)
+            consumed += window
+            begin, end = advance(window)
+            p.iteration += 1
+            meter.iterations += 1
+            meter.samples += samples_between(begin, end)
+            if order is not None:
+                order.add(f"{p.iteration}\t{source.epoch}\t{begin}\t{end}\t{source.digest(begin, end)}")
+            if step_per_iteration:
+                stepper.after_iteration(self.global_last_loss)
+            for hook in on_iteration_end:
+                hook(state)
+            if consumed == remaining:
+                self.end_epoch()
+            if (check_every_step or p.iteration % display_iter == 0 or requests.snapshot
+                    or preemption.received is not None):
+                self.after_iteration()
+            if requests.stopping or p.iteration >= last_iteration:
+                return
+        if remaining is None or remaining == 0:  # the loader ran dry, or we resumed exactly at an epoch's end
+            self.end_epoch()
+
+    def run_iteration(self, batches, window: int) -> None:
+        """One optimizer step. Under DDP every micro-batch but the last runs forward *and* backward in no_sync():
+        one gradient all-reduce per step (wrapping only backward still syncs, a common bug)."""
+        model = self.forward_model
+        clock = time.perf_counter
+        losses = []
+        waited = 0.0
+        if self.bare_micro_batches:  # the common case, without the two context managers DDP and autocast need
+            for _ in range(window):
+                t0 = clock()
+                batch = next(batches)
+                waited += clock() - t0
+                loss = extract_loss(call_model(model, batch))
+                (loss / window if window > 1 else loss).backward()
+                losses.append(loss)  # detached when read (last_loss); the meter copies it without its graph
+        else:
+            ddp, autocast, scaler = self.prepared.ddp, self.precision.context(), self.precision.scaler
+            for m in range(window):
+                t0 = clock()
+                batch = next(batches)
+                waited += clock() - t0
+                with ddp.no_sync() if ddp is not None and m < window - 1 else NO_CONTEXT:
+                    with autocast or NO_CONTEXT:
+                        loss = extract_loss(call_model(model, batch))
+                    scaled = loss / window if window > 1 else loss
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                losses.append(loss)
+        self.reporter.meter.data_wait += waited
+        self._last_losses = losses
+        for hook in self.callbacks.on_after_backward:
+            hook(self.state)
+        self.optimizer_step()
+
+    def optimizer_step(self) -> None:
+        if self.requests.skip_reason is not None:
+            self.requests.skip_reason = None
+            self.reporter.meter.skipped += 1  # its loss stays out of the window's mean
+            self.precision.skip_step()
+        else:
+            self.reporter.meter.add_losses(self._last_losses)
+            if self.stepper.collects_losses:
+                self.stepper.add_losses(self._last_losses)
+            self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run_closure_iteration(self, batches, window: int) -> None:
+        """One step of an optimizer that re-evaluates the loss itself (LBFGS): ``optimizer.step(closure)``, the
+        closure running forward and backward on the same batch. No accumulation (iter_size is 1)."""
+        t0 = time.perf_counter()
+        batch = next(batches)
+        self.reporter.meter.data_wait += time.perf_counter() - t0
+        first: list = []
+
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.precision.context() or NO_CONTEXT:
+                loss = extract_loss(call_model(self.forward_model, batch))
+            loss.backward()
+            if not first:
+                first.append(loss.detach())
+                self._last_losses = first
+            for hook in self.callbacks.on_after_backward:
+                hook(self.state)
+            if self.requests.skip_reason is not None:  # no gradient: the optimizer sees a flat point and stops
+                self.optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        self.optimizer.step(closure)
+        if self.requests.skip_reason is not None:
+            self.optimizer_step()  # only counts the skip and clears it: the gradient was zero
+            return
+        self.reporter.meter.add_losses(first)
+        if self.stepper.collects_losses:
+            self.stepper.add_losses(first)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_epoch(self) -> None:
+        self.source.end_epoch()
+        self.stepper.after_epoch()
+        for hook in self.callbacks.on_epoch_end:
+            hook(self.state)
+
+    def after_iteration(self) -> None:
+        snapshot_requested, preempted = self.requests.settle()
+        iteration = self.progress.iteration
+        if iteration % self.s.display_iter == 0:
+            self.display()
+        if preempted:
+            self.preempt()
+        if self.s.snapshot_prefix and (self.schedule.due(iteration, self.source.epoch_fraction())
+                                       or snapshot_requested):
+            self.write_snapshot()
+
+    def write_snapshot(self) -> str:
+        if self.env.is_main:
+            self.flush_files()  # the records up to this snapshot are durable before the snapshot exists
+        path = self.checkpointer.save(self.progress.iteration)
+        for hook in self.callbacks.on_snapshot:
+            hook(self.state, path)
+        return path
+
+    def preempt(self):
+        """Snapshot (rank 0 writes, all wait), then leave with the preemption exit code on every rank."""
+        self.requests.finish()  # every rank has one exchange in flight (under torchrun): settle it alike
+        name = self.preemption.signal_name or "a signal received on another rank"
+        logger.warning("preemption: %s received; snapshot at iteration %d, then exit", name, self.progress.iteration)
+        path = self.write_snapshot() if self.s.snapshot_prefix else None
+        self.flush_files()
+        raise Preempted(name, path)
+
+    # -- reporting --------------------------------------------------------------------------------------------------
+    def display(self) -> None:
+        self.reporter.report(self.progress.iteration, self.total_iterations, self.source.epoch_fraction(),
+                             self.optimizer)
+        self.flush_files()
+
+    def flush_files(self) -> None:
+        if self.reporter.metrics is not None:
+            self.reporter.metrics.flush()
+        if self.order is not None:
+            self.order.flush()

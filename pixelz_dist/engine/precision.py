@@ -1,0 +1,63 @@
+"""Mixed precision: which autocast the forward runs under, and the GradScaler that fp16 needs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """``amp=None | "bf16" | "fp16"`` for one device. ``context()`` wraps the forward (and the loss computed in it);
+    backward runs outside it, as torch recommends. fp16 gets a GradScaler, whose state goes into snapshots."""
+
+    def __init__(self, amp: str | None, device: torch.device):
+        self.amp = amp
+        self.scaler = None
+        self.unscaled = False  # the current step's gradients were divided by the scale already
+        if amp is None:
+            return
+        dtype = DTYPES[amp]
+        if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"amp='bf16' on {torch.cuda.get_device_name(device)}, which has no bfloat16 support. "
+                              "HINT: use amp='fp16' on this GPU.")
+        self.device_type = device.type
+        self.dtype = dtype
+        if amp == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type)
+
+    def context(self):
+        """A fresh autocast context, or None without mixed precision (the loop then calls the model directly)."""
+        if self.amp is None:
+            return None
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def unscale(self, optimizer) -> None:
+        """Divide the step's gradients by the loss scale now, once (fp16 only), so they can be measured or clipped."""
+        if self.scaler is not None and not self.unscaled:
+            self.scaler.unscale_(optimizer)
+            self.unscaled = True
+
+    def step(self, optimizer) -> None:
+        """The optimizer step (through the scaler with fp16, which skips it on inf / NaN gradients)."""
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        self.unscaled = False
+
+    def skip_step(self) -> None:
+        """This step is dropped; a scaler that already unscaled must still be told the step is over."""
+        if self.scaler is not None and self.unscaled:
+            self.scaler.update()
+        self.unscaled = False
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

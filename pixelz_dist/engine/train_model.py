@@ -1,0 +1,156 @@
+"""``train_model``: the public verb. Checks its arguments, then hands the run to
+:class:`~pixelz_dist.engine.loop.Engine`."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..callbacks.builtin import GradientClipping, NonFiniteGuard, StopOnLoss, TimeBudget
+from ..distributed.env import process_group
+from ..errors import ConfigError, DataError
+from ..log import ensure_handler, rank_logging
+from .loop import Engine
+from .settings import RunSettings, apply_legacy_names, check_settings, setting_names
+
+
+def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False, snapshot_prefix=None, num_iters=None,
+                num_epochs=None, iter_size=1, display_iter=20, snapshot_interval=None, load_snapshot_path=None,
+                restore_dataloader=True, display_gpu=False, schedule_on_iter=False, *, seed=0, num_workers=None,
+                keep_last=None, callbacks=(), strict_load=True, drop_last=False, seed_data=None, log_prefix=None,
+                collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
+                clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
+                on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
+                **legacy_kwargs):
+    """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
+
+    An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
+    semantics); ``num_iters``, ``display_iter``, ``snapshot_interval`` (when training by iterations) and the number in
+    snapshot names count iterations. Each micro-batch loss is divided by the number of micro-batches in its window:
+    ``iter_size``, or fewer for the short last window of an epoch (10 batches with ``iter_size=4`` make windows of
+    4, 4 and 2; the last two losses are halved, not quartered). Windows never span two epochs.
+
+    Loop (see :mod:`pixelz_dist.engine.loop` for the full pseudocode)::
+
+        for each window: for each micro-batch: (loss(model(*batch)) / window).backward()
+                         optimizer.step(); optimizer.zero_grad(); scheduler / callbacks / log / snapshot
+
+    Args:
+        model: an ``nn.Module`` whose forward takes a batch (``model(*batch)`` for a tuple or list, ``model(**batch)``
+            for a dict, ``model(batch)`` otherwise) and returns the loss: a scalar tensor, or a dict / object with a
+            ``loss`` entry. A tensor with several elements is reduced by its mean. Batches are moved to the model's
+            device.
+        optimizer: any ``torch.optim.Optimizer`` (see :func:`make_param_groups` for per-parameter learning rates).
+        scheduler: an LR scheduler or None; stepped once per epoch, or per iteration with ``schedule_on_iter``.
+            ``ReduceLROnPlateau`` is stepped with the mean training loss of that epoch / iteration.
+        dataset: a map-style dataset (``__len__`` and ``__getitem__``), or a ``DataLoader`` you built (then you own
+            sampling: ``batch_size`` must be None or the loader's, and shuffle / num_workers / collate_fn /
+            drop_last / seed_data stay at their defaults; see the README for what resumes exactly).
+        batch_size: samples per micro-batch.
+        shuffle: a new permutation each epoch, a pure function of (seed, epoch).
+        snapshot_prefix: snapshots are written to ``{snapshot_prefix}_iter_{N}.pt``; metrics to
+            ``{snapshot_prefix}_metrics.jsonl`` and the per-iteration sample-order record to
+            ``{snapshot_prefix}_order.tsv``. A final snapshot is always written when set.
+        num_iters / num_epochs: exactly one, the length of training.
+        iter_size: micro-batches per optimizer step (gradient accumulation).
+        display_iter: iterations between log lines.
+        snapshot_interval: in epochs (a float, 0.5 = twice per epoch) when training by epochs, in iterations when
+            training by ``num_iters``.
+        load_snapshot_path: a snapshot file, or ``"auto"`` for the newest valid snapshot of ``snapshot_prefix``
+            (none: start fresh; unreadable ones are skipped with a warning).
+        restore_dataloader: resume at the exact sample the snapshot was taken at; False starts the next epoch from
+            its beginning (the seed tool's behaviour).
+        display_gpu: add allocated / reserved / peak GPU memory to the log line.
+        schedule_on_iter: step the scheduler every iteration instead of every epoch.
+        seed: seeds the data order and the per-batch augmentation RNGs.
+        num_workers: DataLoader workers; None = ``min(max(cpus // gpus_per_node, 1), 6)`` with the CPUs this process
+            may use.
+        keep_last: keep only the K newest snapshots.
+        callbacks: :class:`~pixelz_dist.callbacks.Callback` objects (events, stop / snapshot requests, saved state).
+        strict_load: refuse a snapshot whose model keys differ from the model's (shape mismatches are always refused).
+        drop_last: drop a short last batch of each epoch.
+        seed_data: seed the global RNGs per batch before the dataset runs (None: yes, unless the dataset is a plain
+            ``TensorDataset``, which draws no random numbers).
+        log_prefix: where metrics and order records go when it should not be ``snapshot_prefix``.
+        collate_fn: passed to the DataLoader.
+        sync_bn: under torchrun with GPUs, convert BatchNorm layers to SyncBatchNorm (converted back at the end).
+        backend: process-group backend under torchrun (default: nccl with CUDA, else gloo).
+        dist_timeout: seconds before a collective waiting on a hung peer fails (default 600, or
+            ``PIXELZ_DIST_TIMEOUT``).
+        ddp_kwargs: extra arguments for ``DistributedDataParallel`` (e.g. ``find_unused_parameters=True``).
+        clip_grad_norm / clip_grad_value: clip the iteration's gradients (after accumulation, DDP's all-reduce and
+            fp16 unscaling) by total norm / element value before the step; the pre-clip norm is logged as grad_norm.
+        stop_loss_below: stop once the smoothed training loss is below this.
+        stop_patience / stop_min_delta: stop after ``stop_patience`` iterations without the smoothed training loss
+            improving by ``stop_min_delta``.
+        time_budget: seconds; stop with a final snapshot before they are spent (counted from this call).
+        on_nonfinite: None (no check, no sync), ``"raise"`` (error naming the iteration and the last good snapshot)
+            or ``"skip"`` (drop the step, count it in the log) on a NaN / infinite loss.
+        amp: None, ``"bf16"`` or ``"fp16"`` (autocast around forward; fp16 with a GradScaler saved in snapshots).
+        channels_last: convert the model and 4-D float inputs to channels_last (faster convolutions on GPUs).
+        compile: ``torch.compile`` what the loop calls (True, or a dict of torch.compile arguments); snapshots and the
+            return value are still the plain module.
+        closure: the optimizer needs ``step(closure)`` (None: detected for ``torch.optim.LBFGS``); needs iter_size=1.
+        prefetch: on CUDA, copy the next batch to the GPU on a side stream during the current step.
+
+    Returns:
+        The trained model.
+
+    Raises:
+        ConfigError: invalid arguments (all listed at once). DataError: an empty dataset.
+        SnapshotError: a snapshot that cannot be loaded or does not fit.
+
+    Example:
+        >>> model = train_model(model, optimizer, scheduler, dataset, batch_size=6, num_epochs=5, iter_size=2,
+        ...                     snapshot_interval=0.5, snapshot_prefix="runs/exp6/snapshot",
+        ...                     load_snapshot_path="auto")  # doctest: +SKIP
+    """
+    values = {name: value for name, value in locals().items() if name in setting_names()}
+    given = apply_legacy_names("train_model", {k: values[k] for k in ("snapshot_prefix", "snapshot_interval")},
+                               legacy_kwargs, list(inspect.signature(train_model).parameters)[:-1])
+    values.update(given)
+    if isinstance(dataset, DataLoader):
+        values["batch_size"] = check_user_loader(dataset, batch_size, shuffle=shuffle, num_workers=num_workers,
+                                                 collate_fn=collate_fn, drop_last=drop_last, seed_data=seed_data)
+    elif not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ConfigError(f"dataset must be a map-style dataset (with __len__ and __getitem__) or a DataLoader, got "
+                          f"{type(dataset).__name__}. HINT: wrap an iterable dataset in a DataLoader.")
+    elif len(dataset) == 0:
+        raise DataError(f"the dataset ({type(dataset).__name__}) is empty: nothing to train on. HINT: check the "
+                        "folders or the filter that built it.")
+    values["closure"] = isinstance(optimizer, torch.optim.LBFGS) if closure is None else bool(closure)
+    settings: RunSettings = check_settings(values)
+    ensure_handler()
+    with process_group(backend=backend, timeout_s=dist_timeout) as env, rank_logging(env.rank, env.world_size):
+        callbacks = builtin_callbacks(settings) + list(callbacks or ())
+        return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()
+
+
+def builtin_callbacks(s) -> list:
+    """What the keyword arguments ask for, in the order they must run before the step: the guard, then clipping."""
+    cbs = []
+    if s.on_nonfinite is not None:
+        cbs.append(NonFiniteGuard(s.on_nonfinite))
+    if s.clip_grad_norm is not None or s.clip_grad_value is not None:
+        cbs.append(GradientClipping(max_norm=s.clip_grad_norm, max_value=s.clip_grad_value))
+    if s.stop_loss_below is not None or s.stop_patience is not None:
+        cbs.append(StopOnLoss(threshold=s.stop_loss_below, patience=s.stop_patience, min_delta=s.stop_min_delta))
+    if s.time_budget is not None:
+        cbs.append(TimeBudget(s.time_budget))
+    return cbs
+
+
+def check_user_loader(loader: DataLoader, batch_size, **defaults_only) -> int:
+    """A DataLoader decides its own sampling: the arguments that would do it here must be left alone."""
+    expected = {"shuffle": False, "num_workers": None, "collate_fn": None, "drop_last": False, "seed_data": None}
+    clashing = [f"{k}={v!r}" for k, v in defaults_only.items() if v != expected[k]]
+    size = loader.batch_size
+    if batch_size is not None and batch_size != size:
+        clashing.append(f"batch_size={batch_size!r} (the DataLoader's is {size!r})")
+    if clashing:
+        raise ConfigError(f"dataset is a DataLoader, which already decides its sampling, batching and workers, but "
+                          f"train_model also got {', '.join(clashing)}. HINT: set these on the DataLoader and pass "
+                          "batch_size=None.")
+    return size or 1
