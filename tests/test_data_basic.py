@@ -247,6 +247,7 @@ def test_scan_images_public_order(tmp_path):
     assert scan_images(a) == ["X1.png", "x9.png", "x10.png"]
 
 
+@pytest.mark.slow
 def test_100k_names_scan_without_opening_an_image(tmp_path, monkeypatch):
     """Construction reads names only (its speed is measured in benchmarks/dataset_scan.py, not asserted here)."""
     n = 50_000  # two folders: 100 000 file names

@@ -148,6 +148,7 @@ def test_build_demo_seeded_and_leaves_global_rng_alone(tmp_path):
     assert isinstance(ds, DemoDataset) and ds.augment and len(ds) == 4
 
 
+@pytest.mark.slow
 def test_training_reduces_loss(tmp_path):
     torch.manual_seed(0)
     model, train_set = build_demo(tmp_path, num_samples=64, size=32, seed=0)

@@ -21,6 +21,8 @@ from pixelz_dist.distributed.preemption import PREEMPTION_EXIT_CODE
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch, beside python
 JOB = os.path.join(TESTS, "jobs", "dist_job.py")
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 
 def job_env():
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}

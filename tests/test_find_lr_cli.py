@@ -21,6 +21,7 @@ def run(args, timeout=180):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_demo_prints_the_suggestion_writes_files_and_logs_each_run(tmp_path):
     result_file = tmp_path / "out" / "lr.npz"
     proc = run(["--demo", "--demo-dir", str(tmp_path / "demo"), "--demo-samples", "16", "--batch-size", "4",
@@ -63,6 +64,7 @@ def test_sweep_in_process_and_plot_without_matplotlib(tmp_path, monkeypatch, cap
         assert str(z["method"]) == "sweep" and z["lrs"].shape == (30,)
 
 
+@pytest.mark.slow
 def test_errors_are_one_message_with_exit_code_2(tmp_path):
     bad = run(["--demo", "--demo-dir", str(tmp_path / "d"), "--demo-samples", "8", "--min-lr", "1", "--max-lr",
                "0.1", "--num-runs", "1"])

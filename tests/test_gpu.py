@@ -16,7 +16,7 @@ from pixelz_dist import train_model
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 from pixelz_dist.cli.demo import DemoDataset, TinySegNet
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True)
@@ -65,11 +65,13 @@ def test_resume_on_the_gpu_is_bitwise_identical(demo_root, tmp_path):
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow
 def test_compile_on_the_gpu(demo_root):
     model = demo_run(demo_root, n=4, compile=True, amp="bf16")
     assert type(model) is TinySegNet
 
 
+@pytest.mark.slow
 def test_the_command_line_trains_on_the_gpu_by_default(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     cmd = [sys.executable, "-m", "pixelz_dist.train", "--demo", "--demo-dir", str(tmp_path / "demo"), "--iters", "4",

@@ -19,6 +19,8 @@ LAUNCH = os.path.join(os.path.dirname(TESTS), "launch")
 SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
                  + glob.glob(os.path.join(LAUNCH, "local_slurm", "*.sh")))
 
+pytestmark = pytest.mark.slow  # every test starts a process: shellcheck, a launch script, torchrun
+
 
 def test_every_script_is_shellcheck_clean_and_documented():
     assert len(SCRIPTS) >= 7
@@ -45,10 +47,12 @@ def run_script(name, tmp_path, **env):
     assert [it for it, _ in list_snapshots(prefix)] == [4]
 
 
+@pytest.mark.distributed
 def test_torchrun_single_node_runs_nproc_processes(tmp_path):
     run_script("torchrun_single_node.sh", tmp_path)
 
 
+@pytest.mark.distributed
 def test_torchrun_multi_node_with_one_node_on_localhost(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

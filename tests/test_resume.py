@@ -50,6 +50,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers,iter_size,optimizer,num_iters,interval,kill_at", CASES)
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, demo_root, workers, iter_size, optimizer, num_iters,
                                                   interval, kill_at):
@@ -79,6 +80,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, demo_root, workers, 
     assert comparison.common == num_iters
 
 
+@pytest.mark.slow
 def test_resume_by_epochs_with_fractional_interval(tmp_path, demo_root):
     """num_epochs with snapshot_interval=0.5 (snapshots mid-epoch), killed in epoch 2, resumed: same result."""
     base = dict(data=demo_root, optimizer="adamw", iter_size=2, workers=0, num_epochs=3, interval=0.5)
@@ -97,6 +99,7 @@ def test_resume_by_epochs_with_fractional_interval(tmp_path, demo_root):
     assert_same_training_state(snap_a, snap_b)
 
 
+@pytest.mark.slow
 def test_killed_run_differs_without_exact_data_restore(tmp_path, demo_root):
     """The contract test can fail: resuming with restore_dataloader semantics broken (a new seed) is detected."""
     base = dict(data=demo_root, optimizer="sgd", iter_size=1, workers=0, num_iters=8, interval=4)

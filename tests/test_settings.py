@@ -54,7 +54,7 @@ def snapshot_iters(prefix) -> list[int]:
     return sorted(found)
 
 
-# -- 1. old spellings, unknown keywords, the seed's positional call ------------------------------------------------
+# -- old spellings, unknown keywords, the seed's positional call -------------------------------------------------------
 
 def test_old_prefix_spelling_warns_and_writes_snapshots(tmp_path):
     model, opt, data = setup()
@@ -132,7 +132,7 @@ def test_seed_positional_call_through_train_pixelz_alias(tmp_path):
     assert train_pixelz.ConfigError is ConfigError and train_pixelz.DataError is DataError
 
 
-# -- 2. validation: ConfigError (a ValueError) listing every problem --------------------------------------------
+# -- validation: ConfigError (a ValueError) listing every problem ------------------------------------------------------
 
 BAD_SETTINGS = [
     (dict(num_iters=2, num_epochs=1), "num_iters"),
@@ -213,7 +213,7 @@ def test_empty_dataset_is_a_data_error(dataset):
     assert model.forwards == 0
 
 
-# -- 7. num_workers=None: min(max(cpus // gpus_per_node, 1), 6) ------------------------------------------------------
+# -- num_workers=None: min(max(cpus // gpus_per_node, 1), 6) -----------------------------------------------------------
 
 @pytest.fixture
 def cpus(monkeypatch):

@@ -112,6 +112,8 @@ def test_the_shipped_script_asks_for_the_warning_requeue_and_appending_output():
     assert "trap 'pixelz_forward USR1' USR1" in common and "trap 'pixelz_forward USR2' USR2" in common
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_sbatch_wait_trains_the_demo_with_two_processes(slurm, tmp_path):
     demo = str(tmp_path / "demo")
     out = tmp_path / "job.out"
@@ -125,6 +127,8 @@ def test_sbatch_wait_trains_the_demo_with_two_processes(slurm, tmp_path):
     assert os.path.exists(prefix + "_config.toml")
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_find_lr_job_prints_a_suggestion(slurm, tmp_path):
     out = tmp_path / "job.out"
     job_id = sbatch(slurm, str(out), "slurm_find_lr.sbatch", "--demo", "--demo-dir", str(tmp_path / "demo"),
@@ -137,6 +141,8 @@ def test_find_lr_job_prints_a_suggestion(slurm, tmp_path):
     assert (tmp_path / "demo" / "lr_finder" / "results.npz").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_usr1_snapshots_requeues_resumes_and_equals_an_uninterrupted_run(slurm, tmp_path):
     """SLURM's warning (here sent at once with scancel --batch): snapshot, exit 75, requeue, resume, same weights."""
     common = [*SLOW, "--dataset-arg", f"root='{tmp_path / 'data'}'", "--dataset-arg", "delay=0.03", "--epochs", "15"]

@@ -43,6 +43,7 @@ def test_names_and_listing_newest_first(tmp_path):
     assert list_snapshots(str(tmp_path / "missing" / "snap")) == []
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_write_leaves_the_previous_snapshots_intact(tmp_path):
     prefix = str(tmp_path / "snap")
     save_snapshot(fake_snapshot(1.0), snapshot_path(prefix, 10))

@@ -82,6 +82,7 @@ def test_device_feed_on_cpu_passes_batches_through_in_order():
     assert [b[0][0, 0, 0, 0].item() for b in fed] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_compile_trains_and_snapshots_the_plain_module(tmp_path):
     prefix = str(tmp_path / "s")
     eager = run(ConvNet(), n=3)
@@ -93,6 +94,7 @@ def test_compile_trains_and_snapshots_the_plain_module(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_true_uses_torch_compile_default_backend():
     class Tiny(nn.Module):
         def __init__(self):

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import DIST_VARS, TESTS
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
+
+pytestmark = pytest.mark.slow  # every test starts `python -m pixelz_dist.train` processes
 
 
 def clean_env():

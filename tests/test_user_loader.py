@@ -101,6 +101,7 @@ def test_a_stateful_sampler_resumes_mid_epoch_exactly(tmp_path):
                                                                   sampler=StatefulShuffle(30)), iter_size=3)
 
 
+@pytest.mark.slow
 def test_torchdata_stateful_dataloader_resumes_mid_epoch_exactly(tmp_path):
     from torchdata.stateful_dataloader import StatefulDataLoader
 

@@ -65,6 +65,7 @@ def test_missing_iterations_are_reported(tmp_path):
         compare_order_records(str(tmp_path / "nothing"), str(tmp_path / "b" / "s"))
 
 
+@pytest.mark.slow
 def test_command_line_exit_codes(tmp_path):
     run(str(tmp_path / "a" / "s"))
     run(str(tmp_path / "b" / "s"))
