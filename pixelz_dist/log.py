@@ -12,20 +12,20 @@ import sys
 from contextlib import contextmanager
 
 ROOT = "pixelz_dist"
-library_logger = logging.getLogger(ROOT)
+logger = logging.getLogger(ROOT)  # the library's root logger: every module's logger propagates to it
 
 
 def ensure_handler() -> None:
     """Show INFO progress lines when the application configured no logging at all (a script, a notebook)."""
-    if library_logger.handlers or logging.getLogger().handlers:
-        if library_logger.level == logging.NOTSET and logging.getLogger().level > logging.INFO:
-            library_logger.setLevel(logging.INFO)
+    if logger.handlers or logging.getLogger().handlers:
+        if logger.level == logging.NOTSET and logging.getLogger().level > logging.INFO:
+            logger.setLevel(logging.INFO)
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
-    library_logger.addHandler(handler)
-    if library_logger.level == logging.NOTSET:
-        library_logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
 
 
 @contextmanager
@@ -41,8 +41,8 @@ def filtering(log_filter: logging.Filter, *modules: str):
     names = [n for n in list(logging.Logger.manager.loggerDict) if n.startswith(prefixes)
              and (n == ROOT or n.startswith(ROOT + "."))]
     loggers = [logging.getLogger(n) for n in names]
-    if ROOT in prefixes and library_logger not in loggers:
-        loggers.append(library_logger)
+    if ROOT in prefixes and logger not in loggers:
+        loggers.append(logger)
     for lg in loggers:
         lg.addFilter(log_filter)
     try:

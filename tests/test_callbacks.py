@@ -11,8 +11,8 @@ import logging
 import os
 
 import pytest
-from engine_helpers import LinReg, load_snap, make_data, quick, snapshot_iters
 
+from engine_helpers import LinReg, load_snap, make_data, quick, snapshot_iters
 from pixelz_dist import Callback, TrainState
 
 

@@ -6,10 +6,13 @@ The SLURM scripts run on a real SLURM in test_slurm.py.
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from conftest import DIST_VARS, TESTS
@@ -78,3 +81,33 @@ def test_scripts_refuse_a_torch_whose_torchrun_cannot_forward_preemption_signals
     assert "torch 2.9.1" in proc.stderr and "older than 2.10" in proc.stderr
     assert "pip install 'torch>=2.10'" in proc.stderr
     assert "training" not in proc.stderr  # nothing was started
+
+
+@pytest.mark.distributed
+def test_torchrun_script_forwards_sigusr2_to_the_trainers(tmp_path):
+    """A cluster whose preemption notice is SIGUSR2: torchrun (started with the script's --signals-to-handle) passes
+    it on; the trainers snapshot and exit with 75 instead of being orphaned by a dying torchrun."""
+    environ = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    environ.update(PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1")
+    prefix = str(tmp_path / "snap")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:  # a file, not a pipe: orphaned trainers (the bug) would hold a pipe open
+        proc = subprocess.Popen([os.path.join(LAUNCH, "torchrun_single_node.sh"), "--demo", "--demo-dir",
+                                 str(tmp_path / "demo"), "--demo-samples", "32", "--iters", "100000", "--workers",
+                                 "0", "--batch-size", "2", "--display-iter", "5", "--snapshot-prefix", prefix],
+                                env=environ, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "iter 10/" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGUSR2)  # the script exec'd torchrun: same process
+        proc.wait(timeout=120)
+    finally:  # torchrun starts each trainer in a session of its own: find what is left of this job by its folder
+        for p in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(p.info["cmdline"] or []):
+                p.kill()
+    text = log.read_text()
+    assert "preemption: SIGUSR2 received" in text, text[-3000:]
+    (stopped_at, _), = list_snapshots(prefix)
+    assert 10 <= stopped_at < 100000

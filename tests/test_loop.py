@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import CountingSGD, D, LinReg, load_snap, make_data, quick, read_order, snapshot_iters
 from torch.utils.data import Dataset
 
 import pixelz_dist
+from engine_helpers import CountingSGD, D, LinReg, load_snap, make_data, quick, read_order, snapshot_iters
 from pixelz_dist import Callback, train_model
 
 

@@ -12,6 +12,10 @@ import os
 
 import pytest
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import StepLR
+from torch.utils.data import Dataset
+
 from engine_helpers import (
     D,
     LinReg,
@@ -23,10 +27,6 @@ from engine_helpers import (
     read_order,
     snapshot_iters,
 )
-from torch import nn
-from torch.optim.lr_scheduler import StepLR
-from torch.utils.data import Dataset
-
 from pixelz_dist import SnapshotError, train_model
 
 

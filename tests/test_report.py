@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
-from engine_helpers import make_data, quick
 
 import pixelz_dist.engine.report as pixelz_log
+from engine_helpers import make_data, quick
 from pixelz_dist import Callback
 
 

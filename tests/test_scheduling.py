@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import LinReg, RecordingPlateau, make_data, quick
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
+from engine_helpers import LinReg, RecordingPlateau, make_data, quick
 from pixelz_dist import Callback, train_model
 
 

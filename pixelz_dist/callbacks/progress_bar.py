@@ -11,7 +11,7 @@ import contextlib
 import sys
 
 from ..distributed.env import read_env
-from ..log import library_logger
+from ..log import logger
 from .base import Callback
 
 __all__ = ["ProgressBar", "TerminalBar", "want_progress_bar"]
@@ -39,7 +39,7 @@ class TerminalBar:
         self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=leave, dynamic_ncols=True,
                         file=file)
         self._redirect = contextlib.ExitStack()
-        self._redirect.enter_context(logging_redirect_tqdm(loggers=[library_logger]))
+        self._redirect.enter_context(logging_redirect_tqdm(loggers=[logger]))
 
     def update(self, postfix: str | None = None, steps: int = 1) -> None:
         if postfix is not None:

@@ -20,7 +20,7 @@ import tempfile
 from ..distributed.env import read_env
 from ..engine.settings import LEGACY_NAMES
 from ..errors import ConfigError
-from ..log import ensure_handler, library_logger
+from ..log import ensure_handler, logger
 from .config import OptionSpec, check_table, load_toml, merge
 from .imports import parse_assignments
 
@@ -359,4 +359,4 @@ def setup_logging() -> None:
     """INFO lines on stderr when nothing else configured logging; ranks other than 0 only warn."""
     ensure_handler()
     if not read_env().is_main:
-        library_logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.WARNING)
