@@ -31,7 +31,7 @@ def _umask() -> int:
 def atomic_write(path: str, mode: str = "wb", *, encoding: str | None = None, durable: bool = True) -> Iterator:
     """``with atomic_write(path) as f: ...`` writes ``path`` all at once or not at all.
 
-    The temporary file is ``.NAME.XXXX.tmp`` beside ``path`` (hidden, so folder scans skip it); on any error it is
+    The temporary file is ``.NAME.<random>.tmp`` beside ``path`` (hidden, so folder scans skip it); on any error it is
     removed and ``path`` keeps its old content. ``durable``: flush the file and the folder to the disk before
     returning, so a power loss cannot undo the write (what a snapshot needs; regenerable files can skip it).
     """

@@ -8,10 +8,9 @@ import os
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
 
 import pixelz_dist.checkpoint.file_format as file_format
+from engine_helpers import LinReg, make_data
 from pixelz_dist import SnapshotError, train_model
 from pixelz_dist.checkpoint.checkpointer import Checkpointer
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot, prune_snapshots, save_snapshot
@@ -19,26 +18,11 @@ from pixelz_dist.distributed.env import DistEnv
 from pixelz_dist.engine.state import Progress
 
 
-class Line(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(3, 1)
-
-    def forward(self, x, y):
-        return ((self.lin(x).squeeze(-1) - y) ** 2).mean()
-
-
-def data(n=24):
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, generator=g))
-
-
 def train(prefix, num_iters, **kw):
-    model = Line()
+    model = LinReg()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train_model(model, opt, None, data(), 4, shuffle=True, snapshot_prefix=str(prefix), num_iters=num_iters,
-                num_workers=0, **kw)
+    train_model(model, opt, None, make_data(24), 4, shuffle=True, snapshot_prefix=str(prefix),
+                num_iters=num_iters, num_workers=0, **kw)
     return model
 
 
@@ -50,10 +34,10 @@ def test_rewinding_to_an_older_snapshot_sets_the_newer_ones_aside_and_keep_last_
     caplog.set_level(logging.WARNING, logger="pixelz_dist")
     # Rewind (after a loss spike, say) to iteration 4 with another learning rate, keeping 2 snapshots: before the
     # fix, pruning by iteration number deleted each new snapshot at once (6, 8, 10 are "newer").
-    model = Line()
+    model = LinReg()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    train_model(model, opt, None, data(), 4, shuffle=True, snapshot_prefix=str(prefix), num_iters=7, num_workers=0,
-                snapshot_interval=1, keep_last=2, load_snapshot_path=f"{prefix}_iter_4.pt")
+    train_model(model, opt, None, make_data(24), 4, shuffle=True, snapshot_prefix=str(prefix), num_iters=7,
+                num_workers=0, snapshot_interval=1, keep_last=2, load_snapshot_path=f"{prefix}_iter_4.pt")
     assert [it for it, _ in list_snapshots(str(prefix))] == [7, 6]
     newest = load_snapshot(f"{prefix}_iter_7.pt")
     for k, v in model.state_dict().items():
@@ -63,10 +47,10 @@ def test_rewinding_to_an_older_snapshot_sets_the_newer_ones_aside_and_keep_last_
     warning = next(r.getMessage() for r in caplog.records if "abandoned" in r.getMessage())
     assert "resumed from iteration 4" in warning and "3 newer snapshot(s)" in warning
     # 'auto' continues the new branch
-    resumed = Line()
+    resumed = LinReg()
     opt = torch.optim.SGD(resumed.parameters(), lr=0.01, momentum=0.9)
     with caplog.at_level(logging.INFO, logger="pixelz_dist"):
-        train_model(resumed, opt, None, data(), 4, shuffle=True, snapshot_prefix=str(prefix), num_iters=8,
+        train_model(resumed, opt, None, make_data(24), 4, shuffle=True, snapshot_prefix=str(prefix), num_iters=8,
                     num_workers=0, load_snapshot_path="auto")
     assert f"resumed from {prefix}_iter_7.pt" in caplog.text
 

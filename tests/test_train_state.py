@@ -7,26 +7,11 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from engine_helpers import LinReg, make_data
 from pixelz_dist import Callback, train_model
 from pixelz_dist.callbacks.tensorboard import TensorBoardLogger
-
-
-class Line(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(3, 1)
-
-    def forward(self, x, y):
-        return ((self.lin(x).squeeze(-1) - y) ** 2).mean()
-
-
-def data(n=10):
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, generator=g))
 
 
 class Positions(Callback):
@@ -41,12 +26,12 @@ class Positions(Callback):
 def test_samples_in_epoch_counts_global_samples_for_a_dataset_and_for_a_dataloader(source):
     """10 samples, batches of 3: 3, 6, 9, 10 samples (1..4 batches) into each epoch, for both kinds of data."""
     probe = Positions()
-    model = Line()
+    model = LinReg()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     if source == "dataset":
-        train_model(model, opt, None, data(), 3, num_epochs=2, num_workers=0, callbacks=[probe])
+        train_model(model, opt, None, make_data(10), 3, num_epochs=2, num_workers=0, callbacks=[probe])
     else:
-        train_model(model, opt, None, DataLoader(data(), batch_size=3), None, num_epochs=2, callbacks=[probe])
+        train_model(model, opt, None, DataLoader(make_data(10), batch_size=3), None, num_epochs=2, callbacks=[probe])
     # on_iteration_end runs before the epoch's end is counted: the last iteration of an epoch sees all 10 samples
     assert [(e, s, b) for e, s, b, _ in probe.seen] == [(0, 3, 1), (0, 6, 2), (0, 9, 3), (0, 10, 4),
                                                         (1, 3, 1), (1, 6, 2), (1, 9, 3), (1, 10, 4)]
@@ -57,7 +42,7 @@ def test_samples_in_epoch_counts_global_samples_for_a_dataset_and_for_a_dataload
 def test_a_tensor_learning_rate_is_logged_as_a_float_everywhere(tmp_path, caplog):
     """Capturable / fused optimizers take lr=torch.tensor(...): the log line, the metrics file and TensorBoard get
     floats (a tensor in the metrics row made json.dumps fail)."""
-    model = Line()
+    model = LinReg()
     opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.05))
     rates = []
 
@@ -67,7 +52,7 @@ def test_a_tensor_learning_rate_is_logged_as_a_float_everywhere(tmp_path, caplog
 
     tb = tmp_path / "tb"
     with caplog.at_level(logging.INFO, logger="pixelz_dist"):
-        train_model(model, opt, None, data(), 2, num_iters=4, display_iter=2, num_workers=0,
+        train_model(model, opt, None, make_data(10), 2, num_iters=4, display_iter=2, num_workers=0,
                     snapshot_prefix=str(tmp_path / "s"), callbacks=[Rates(), TensorBoardLogger(str(tb), every=2)])
     rows = [json.loads(line) for line in open(tmp_path / "s_metrics.jsonl")]
     assert [r["lr"] for r in rows] == [[pytest.approx(0.05)]] * 2 and type(rows[0]["lr"][0]) is float

@@ -114,9 +114,10 @@ class Checkpointer:
         if self.env.is_main and self.prefix:
             moved = set_aside_newer(self.prefix, self.last_iteration)
             if moved:
-                logger.warning("resumed from iteration %d while %d newer snapshot(s) of %r existed (an abandoned "
-                               "branch): renamed to %s, so 'auto' and keep_last follow this run", self.last_iteration,
-                               len(moved), self.prefix, ", ".join(moved))
+                logger.warning("resumed from iteration %d while %d newer snapshot(s) of %r existed (a branch this "
+                               "run abandons, or files that did not load): renamed to %s, so that 'auto' and "
+                               "keep_last follow this run", self.last_iteration, len(moved), self.prefix,
+                               ", ".join(moved))
         barrier()
         return snap
 
