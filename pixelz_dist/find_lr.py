@@ -22,6 +22,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .cli import options as cli
+from .distributed.preemption import INTERRUPT_EXIT_CODE
 from .errors import PixelzError
 
 logger = logging.getLogger("pixelz_dist.find_lr")  # not __name__: "__main__" under python -m
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     opts = cli.parse("find_lr", argv)
     cli.setup_logging()
     from .cli.build import build_dataset_and_model, build_optimizer, place_model
-    from .cli.config import save_config
+    from .cli.config import ConfigSaver
     from .distributed.env import read_env
     from .lr_finder.search import find_lr
 
@@ -42,20 +43,22 @@ def main(argv=None) -> int:
         place_model(model, opts.device)
         optimizer = build_optimizer(model, opts)
         torch.manual_seed(opts.seed)  # dropout draws from the global RNG: the same --seed gives the same curve
-        if is_main:
-            stem = opts.result_file[:-4] if opts.result_file.endswith(".npz") else opts.result_file
-            save_config(f"{stem}_config.toml", cli.config_values(opts),
-                        "python -m pixelz_dist.find_lr --config THIS_FILE repeats the search")
+        stem = opts.result_file[:-4] if opts.result_file.endswith(".npz") else opts.result_file
+        saver = ConfigSaver(f"{stem}_config.toml", cli.config_values(opts),
+                            "python -m pixelz_dist.find_lr --config THIS_FILE repeats the search")
         model = find_lr(model, optimizer, dataset, opts.batch_size, shuffle=opts.shuffle, iter_size=opts.iter_size,
                         load_snapshot_path=opts.resume, restore_dataloader=opts.restore_dataloader,
                         min_lr=opts.min_lr, max_lr=opts.max_lr, iter_per_run=opts.iter_per_run,
                         num_runs=opts.num_runs, result_file=opts.result_file, method=opts.method,
                         num_iters=opts.num_iters, divergence_factor=opts.divergence_factor,
                         stop_on_divergence=opts.stop_on_divergence, seed=opts.seed, num_workers=opts.workers,
-                        train_kwargs=cli.step_options(opts))
+                        callbacks=[saver], train_kwargs=cli.step_options(opts))
     except PixelzError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the finder's runs are short: Ctrl-C ends it (an Interrupted one is a KeyboardInterrupt)
+        print("stopped (Ctrl-C): no result written", file=sys.stderr)
+        return INTERRUPT_EXIT_CODE
     result = model.lr_finder_result
     if not is_main:
         return 0

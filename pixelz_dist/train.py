@@ -9,8 +9,9 @@ Examples::
     python -m pixelz_dist.train --config runs/a/snap_config.toml --resume auto   # the same run, continued
 
 Options come from the command line, a ``--config`` TOML file and the defaults, in that order of precedence; the
-resolved configuration is saved to ``{snapshot_prefix}_config.toml``. Exit codes: 0 done, 2 usage error (one line
-``error: ...``), 75 preempted after a snapshot (start again with ``--resume auto``).
+resolved configuration is saved to ``{snapshot_prefix}_config.toml`` when training starts (after every check). Exit
+codes: 0 done, 2 usage error or bad input (one line ``error: ...``), 75 preempted after a snapshot (start again with
+``--resume auto``), 130 interrupted (Ctrl-C: after a snapshot; twice: at once).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .cli import options as cli
+from .distributed.preemption import INTERRUPT_EXIT_CODE, Interrupted
 from .errors import PixelzError
 
 logger = logging.getLogger("pixelz_dist.train")  # not __name__: that is "__main__" under python -m
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
     opts = cli.parse("train", argv)
     cli.setup_logging()
     from .cli.build import build_dataset_and_model, build_optimizer, build_scheduler, place_model
-    from .cli.config import save_config
+    from .cli.config import ConfigSaver
     from .distributed.env import read_env
     from .engine.train_model import train_model
 
@@ -52,10 +54,9 @@ def main(argv=None) -> int:
 
         if want_progress_bar():
             callbacks.append(ProgressBar(refresh_every=opts.display_iter))
-        if opts.snapshot_prefix and env.is_main:
-            path = save_config(f"{opts.snapshot_prefix}_config.toml", cli.config_values(opts),
-                               "python -m pixelz_dist.train --config THIS_FILE repeats the run")
-            logger.info("configuration saved to %s", path)
+        if opts.snapshot_prefix:
+            callbacks.append(ConfigSaver(f"{opts.snapshot_prefix}_config.toml", cli.config_values(opts),
+                                         "python -m pixelz_dist.train --config THIS_FILE repeats the run"))
         if opts.demo:
             logger.info("demo data in %s (%d samples)", opts.demo_dir, len(dataset))
         passed = {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in cli.TRAIN_MODEL_OPTIONS}
@@ -64,11 +65,18 @@ def main(argv=None) -> int:
                     load_snapshot_path=opts.resume, schedule_on_iter=opts.schedule_on_iter, seed=opts.seed,
                     num_workers=opts.workers, callbacks=callbacks, **passed, **cli.step_options(opts))
     except PixelzError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return INTERRUPT_EXIT_CODE
+    except KeyboardInterrupt:
+        print("stopped at once (Ctrl-C twice): the newest snapshot is the last one written before", file=sys.stderr)
+        return INTERRUPT_EXIT_CODE
     finally:
-        for cb in callbacks:
-            cb.close()
+        for cb in callbacks:  # a progress bar and TensorBoard hold a terminal and files: give them back
+            if callable(getattr(cb, "close", None)):
+                cb.close()
     return 0
 
 

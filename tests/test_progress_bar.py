@@ -36,7 +36,8 @@ def test_bar_counts_iterations_and_shows_epoch_and_loss(caplog):
     bar = ProgressBar(refresh_every=2, file=out)
     data = torch.utils.data.TensorDataset(torch.randn(12, 2))
     with caplog.at_level(logging.INFO, logger="pixelz_dist"):
-        train_model(Quadratic(), torch.optim.SGD(Quadratic().parameters(), lr=0.1), None, data, 2, num_epochs=2,
+        model = Quadratic()
+        train_model(model, torch.optim.SGD(model.parameters(), lr=0.1), None, data, 2, num_epochs=2,
                     num_workers=0, display_iter=3, callbacks=[bar])
     text = out.getvalue()
     assert "12/12" in text and "epoch 2" in text and "loss=" in text

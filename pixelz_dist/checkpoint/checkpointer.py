@@ -4,7 +4,13 @@ The checkpointer holds named parts, each an object with ``state_dict()`` / ``loa
 ``CheckpointManager(states={...})`` is the model): the loop hands it its counters, its data source, its scheduler
 stepper and so on at construction, and never its private state afterwards. Parts named in ``per_rank`` (the random
 state) are gathered from every rank, and each rank gets its own back. Parts are restored in the order given, so
-the random state, given last, is put back after everything that might draw from it.
+the random state, given last, is put back after everything that might draw from it. A part may also define
+``precheck(state, meta)``, which raises ``SnapshotError`` when the snapshot cannot fit: every part is checked before
+any is loaded, so a refused snapshot changes nothing.
+
+Before the first iteration, :meth:`Checkpointer.claim` makes the prefix this run's (see
+:mod:`pixelz_dist.checkpoint.prefix`): a lock, a write check, no leftovers of killed writes, and no old run's snapshots
+mixed with a fresh one's.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 
 from .._version import __version__
 from ..distributed.env import DistEnv, barrier, broadcast_from_main, gather_to_main
-from ..errors import SnapshotError
+from ..errors import ConfigError, SnapshotError
 from .file_format import (
     FORMAT_VERSION,
     find_latest_valid,
@@ -26,6 +32,7 @@ from .file_format import (
     set_aside_newer,
     snapshot_path,
 )
+from .prefix import PrefixLock, check_fresh_start, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,39 @@ class Checkpointer:
         self.last_path: str | None = None
         self.last_iteration = -1
         self.last_seconds: float | None = None
+        self._lock: PrefixLock | None = None
+
+    # -- the prefix ------------------------------------------------------------------------------------------------
+    def claim(self, fresh: bool, overwrite: bool = False) -> None:
+        """Make the prefix this run's before anything is trained (rank 0 does it; every rank raises its error).
+
+        Args:
+            fresh: the run does not resume; the prefix must then hold no snapshots.
+            overwrite: set an old run's snapshots aside instead of refusing.
+
+        Raises:
+            ConfigError: the folder cannot be written, another run holds the prefix, or an old run's snapshots are
+                there (see :func:`~pixelz_dist.checkpoint.prefix.check_fresh_start`).
+        """
+        error = None
+        if self.env.is_main and self.prefix:
+            try:
+                self._lock = PrefixLock(self.prefix)
+                self._lock.acquire()
+                remove_stale_temporaries(self.prefix)
+                if fresh:
+                    check_fresh_start(self.prefix, overwrite)
+            except ConfigError as e:
+                self.release()
+                error = str(e)
+        error = broadcast_from_main(error)
+        if error is not None:
+            raise ConfigError(error)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def save(self, iteration: int) -> str:
@@ -56,20 +96,38 @@ class Checkpointer:
         started = time.perf_counter()
         path = snapshot_path(self.prefix, iteration)
         gathered = {name: gather_to_main(self.parts[name].state_dict(), self.env) for name in self.per_rank}
+        error = None
         if self.env.is_main:
             snapshot = {"format_version": FORMAT_VERSION}
             for name, part in self.parts.items():
                 snapshot[name] = gathered[name] if name in gathered else part.state_dict()
             snapshot["meta"] = {"pixelz_dist": __version__, "torch": str(torch.__version__), "time": time.time(),
                                 **self.meta}
-            save_snapshot(snapshot, path)
-            if self.keep_last:
-                prune_snapshots(self.prefix, self.keep_last, keep=path)
-            logger.info("snapshot written: %s", path)
-        barrier()
+            error = self._write(snapshot, path)
+        error = broadcast_from_main(error)  # every rank waits for the file, and learns whether it was written
+        if error is not None:
+            raise SnapshotError(error)
         self.last_seconds = time.perf_counter() - started
         self.last_path, self.last_iteration = path, iteration
         return path
+
+    def _write(self, snapshot: dict, path: str) -> str | None:
+        """Rank 0's write; the error message when it failed (the previous snapshots stay as they were)."""
+        try:
+            save_snapshot(snapshot, path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+            cause = e
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            reason = (cause.strerror or str(cause)) if cause is not None else f"{type(e).__name__}: {e}"
+            last = (f"the last good snapshot is {self.last_path} (iteration {self.last_iteration})" if self.last_path
+                    else "no snapshot was written or loaded before")
+            return (f"cannot write snapshot {path} ({reason}); {last}. HINT: free space on that disk, or choose "
+                    "another snapshot_prefix, then resume with load_snapshot_path='auto' (--resume auto).")
+        if self.keep_last:
+            prune_snapshots(self.prefix, self.keep_last, keep=path)
+        logger.info("snapshot written: %s", path)
+        return None
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def choose(self, spec: str | None) -> tuple[str | None, dict | None]:
@@ -101,15 +159,22 @@ class Checkpointer:
         if missing:
             raise SnapshotError(f"snapshot {path!r} has no {', '.join(map(repr, missing))} part(s) (it has "
                                 f"{sorted(snap)}). HINT: resume from a snapshot written by train_model.")
-        for name, part in self.parts.items():
+        states = {}
+        for name in self.parts:
             state = snap[name] if name in snap else ABSENT_MEANS[name]
             if name in self.per_rank:
                 # Same world size: each rank its own state (exact). Another world size: exactness is gone anyway.
                 state = state[self.env.rank % len(state)]
-            try:
-                part.load_state_dict(state)
-            except SnapshotError as e:
-                raise SnapshotError(f"cannot resume from {path!r}: {e}") from e.__cause__
+            states[name] = state
+        try:
+            for name, part in self.parts.items():  # every part checks before any is loaded
+                precheck = getattr(part, "precheck", None)
+                if precheck is not None:
+                    precheck(states[name], snap.get("meta", {}))
+            for name, part in self.parts.items():
+                part.load_state_dict(states[name])
+        except SnapshotError as e:
+            raise SnapshotError(f"cannot resume from {path!r}: {e}") from e.__cause__
         self.last_path, self.last_iteration = path, int(snap["progress"]["iteration"])
         if self.env.is_main and self.prefix:
             moved = set_aside_newer(self.prefix, self.last_iteration)

@@ -32,10 +32,15 @@ def check_model_state(model: torch.nn.Module, state: dict, strict: bool = True) 
     if strict and unexpected:
         problems.append(f"not in the model: {unexpected}")
     if problems:
+        if shapes:  # strict_load=False does not help here: a tensor of another shape cannot be loaded at all
+            hint = ("build the model with the same sizes (widths, classes, input channels) as the run that wrote "
+                    "it; to start a new run from its matching weights, load them into your model yourself and train "
+                    "without load_snapshot_path")
+        else:
+            hint = ("build the same architecture as the run that wrote it, or pass strict_load=False "
+                    "(--no-strict-load) to load the keys both have")
         raise SnapshotError(f"its model state does not fit the model ({type(model).__name__}): "
-                            + " | ".join(problems)
-                            + ". HINT: build the same architecture as the run that wrote it"
-                            + ("" if not strict else ", or pass strict_load=False to load matching keys only") + ".")
+                            + " | ".join(problems) + f". HINT: {hint}.")
 
 
 class ModelState:
@@ -47,17 +52,41 @@ class ModelState:
     def state_dict(self) -> dict:
         return self.model.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def precheck(self, state: dict, meta: dict) -> None:
         check_model_state(self.model, state, strict=self.strict)
+
+    def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state, strict=self.strict)
 
 
 class OptimizerState:
+    """The optimizer's state, refused before anything is loaded when it was written by another kind of optimizer or
+    for other parameter groups (torch would fail half-way, with a bare ``KeyError: 'momentum'``)."""
+
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
+
+    def precheck(self, state: dict, meta: dict) -> None:
+        mine = type(self.optimizer).__name__
+        theirs = meta.get("optimizer")
+        ours_groups, saved_groups = self.optimizer.param_groups, state.get("param_groups", [])
+        if theirs is None:  # format 1 named no class: the hyper-parameters each kind has tell them apart
+            keys = {k for g in ours_groups for k in g} - {"params", "initial_lr", "name"}
+            saved = {k for g in saved_groups for k in g} - {"params", "initial_lr", "name"}
+            theirs = mine if keys <= saved or saved <= keys else f"one with {sorted(saved - keys)}"
+        if theirs != mine:
+            raise SnapshotError(f"its optimizer is {theirs}, this run's is {mine}: an optimizer's state (momentum "
+                                f"buffers, moment estimates, step counts) cannot be carried over to another kind. "
+                                f"HINT: build a {theirs} as the run that wrote it did, or start a fresh run.")
+        sizes, saved_sizes = [len(g["params"]) for g in ours_groups], [len(g["params"]) for g in saved_groups]
+        if sizes != saved_sizes:
+            raise SnapshotError(f"its optimizer has {len(saved_sizes)} parameter group(s) of {saved_sizes} "
+                                f"parameters, this one {len(sizes)} of {sizes}. HINT: build the optimizer with the "
+                                "same parameter groups, in the same order, as the run that wrote the snapshot (the "
+                                "same make_param_groups keys).")
 
     def load_state_dict(self, state: dict) -> None:
         try:

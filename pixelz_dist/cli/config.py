@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..callbacks.base import Callback
+from ..distributed.env import read_env
 from ..errors import ConfigError
 from ..fileio import atomic_write
 from .imports import parse_assignments
@@ -24,7 +27,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["OptionSpec", "check_table", "dump_toml", "load_toml", "merge", "save_config"]
+__all__ = ["ConfigSaver", "OptionSpec", "check_table", "dump_toml", "load_toml", "merge", "save_config"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -196,3 +201,18 @@ def save_config(path: str, values: dict, header: str = "") -> str:
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(dump_toml(values, header))
     return path
+
+
+class ConfigSaver(Callback):
+    """Writes the resolved configuration when training starts (rank 0, once): after every argument, the snapshot
+    prefix and any snapshot to resume were checked, so an invocation that fails never rewrites a run's saved
+    configuration."""
+
+    def __init__(self, path: str, values: dict, header: str = ""):
+        self.path, self.values, self.header = path, values, header
+        self.saved = False
+
+    def on_train_start(self, state):
+        if not self.saved and read_env().is_main:
+            logger.info("configuration saved to %s", save_config(self.path, self.values, self.header))
+        self.saved = True

@@ -28,7 +28,7 @@ COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz
 META = ("config", "print_config")  # options about the configuration itself, never saved in it
 TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE options; tables in a config file
 EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")]
-DEPENDENTS = {"model": ("model_arg",), "data": ("modes",), "dataset": ("dataset_arg",)}
+DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file"), "dataset": ("dataset_arg",)}
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")
 
@@ -41,6 +41,12 @@ TRAIN_MODEL_OPTIONS = (
     ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
                                                       "twice per epoch), in iterations with --iters")),
     ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
+    ("--overwrite", "overwrite", dict(action=argparse.BooleanOptionalAction, default=False,
+                                      help="a run without --resume into a prefix that holds another run's snapshots "
+                                           "sets them aside (renamed NAME.old-<time>) instead of refusing")),
+    ("--strict-load", "strict_load", dict(action=argparse.BooleanOptionalAction, default=True,
+                                          help="--no-strict-load: resume a snapshot whose model has other keys, "
+                                               "loading the keys both have (shapes must still match)")),
     ("--display-iter", "display_iter", dict(type=int, default=20, help="iterations between log lines")),
     ("--display-gpu", "display_gpu", dict(action=argparse.BooleanOptionalAction, default=False,
                                           help="add GPU memory to the log lines")),
@@ -67,6 +73,16 @@ STEP_OPTIONS = (
     ("--clip-grad-norm", "clip_grad_norm", dict(type=float, metavar="MAX", help="clip the gradients' total norm")),
     ("--clip-grad-value", "clip_grad_value", dict(type=float, metavar="MAX", help="clamp each gradient element")),
 )
+
+
+def error_line(error: BaseException) -> str:
+    """The message of ``error`` for one ``error: ...`` line: an error raised in a DataLoader worker reaches the main
+    process wrapped in the worker's traceback (``Caught DataError in DataLoader worker process 0 ...``): its own
+    message is the last part of it."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.rsplit(f"{type(error).__name__}: ", 1)[-1].strip()
+    return text
 
 
 def step_options(opts: argparse.Namespace) -> dict:
@@ -118,6 +134,9 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
                    "a MultiImgsDataset giving float tensors in [0, 1], as model(*images)")
     g.add_argument("--modes", nargs="+", metavar="MODE", help="per --data folder: RGB, L, unchanged or auto "
                    "(default: auto)")
+    g.add_argument("--on-bad-file", choices=("raise", "skip"), default="raise",
+                   help="--data: a file that cannot be decoded stops training with its name (raise), or is logged "
+                        "once and replaced by the next good sample (skip)")
     g.add_argument("--dataset", metavar="MODULE:FACTORY", help="a callable returning a map-style dataset, for full "
                    "control over the data")
     g.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
@@ -306,6 +325,8 @@ def _finish(command: str, v: dict) -> None:
     for key, needs in (("modes", "data"), ("model_arg", "model"), ("dataset_arg", "dataset")):
         if v[key] and not v[needs]:
             raise ConfigError(f"--{key.replace('_', '-')} needs --{needs}")
+    if v["on_bad_file"] != "raise" and not v["data"]:
+        raise ConfigError("--on-bad-file applies to --data folders (a --dataset factory chooses its own handling)")
     if v["modes"] and len(v["modes"]) != len(v["data"]):
         raise ConfigError(f"--modes has {len(v['modes'])} entries for {len(v['data'])} --data folders; give one per "
                           "folder")
@@ -337,6 +358,8 @@ def _finish_train(v: dict) -> None:
         v["epochs"] = 5
     if v["demo"] and not v["snapshot_prefix"]:
         v["snapshot_prefix"] = os.path.join(v["demo_dir"], "snapshots", "demo")
+        if v["resume"] is None:  # the demo's own folder: a new demo run sets the last one's snapshots aside
+            v["overwrite"] = True
     if v["resume"] == "auto" and not v["snapshot_prefix"]:
         raise ConfigError("--resume auto looks for the newest snapshot of --snapshot-prefix: pass --snapshot-prefix")
     if v["resume"] not in (None, "auto") and not os.path.isfile(v["resume"]):

@@ -17,6 +17,24 @@ from ..errors import SnapshotError
 
 logger = logging.getLogger(__name__)
 
+
+def stop_workers(iterator) -> None:
+    """Shut a DataLoader iterator's worker processes down now (a no-op for a single-process iterator).
+
+    Why here and not at exit: an iterator that an exception's traceback still holds outlives the error, and at
+    interpreter exit Python sends its workers SIGTERM, which ours ignore (a scheduler's whole-tree SIGTERM must not
+    kill them before the trainer's snapshot), then waits for them forever. torch's own shutdown is tried first (the
+    workers leave their loop); any worker still alive after it is killed.
+    """
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(iterator, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
 _WHAT = {"dataset": "a dataset", "user_loader": "a DataLoader"}
 
 
@@ -25,7 +43,8 @@ class BatchSource(ABC):
 
     Subclasses set ``kind`` and ``unit`` and implement ``epoch_size``, ``begin_epoch``, ``advance``,
     ``samples_between``, ``digest``, ``batches_from``, ``samples_in_epoch``, ``batches_in_epoch``, ``close`` and the
-    ``_sampling_state`` / ``_restore_sampling`` pair.
+    ``_sampling_state`` / ``_restore_sampling`` pair. ``close(failed)`` runs on every way out of training and must
+    leave no worker process behind when ``failed``.
 
     Args:
         restore_position: when loading a snapshot taken mid-epoch, continue at its exact position (False: at the start

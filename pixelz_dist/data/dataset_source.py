@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from ..distributed.preemption import ignore_preemption_signals
 from ..errors import DataError
-from .batch_source import BatchSource
+from .batch_source import BatchSource, stop_workers
+from .collate import NamedCollate
 from .sampler import ResumableBatchSampler, batches_in
 from .seeding import SeededDataset, draws_no_random_numbers
 
@@ -49,8 +50,10 @@ class DatasetSource(BatchSource):
                             "HINT: lower batch_size or set drop_last=False.")
         self.dataset = dataset
         self.batch_size, self.world_size, self.drop_last = s.batch_size, env.world_size, s.drop_last
-        self.loader = DataLoader(SeededDataset(dataset) if seed_data else dataset, batch_sampler=self.sampler,
-                                 num_workers=num_workers, collate_fn=s.collate_fn, pin_memory=pin_memory,
+        self._iterator = None  # the epoch's DataLoader iterator: its workers are shut down in close()
+        fetched = SeededDataset(dataset) if seed_data else dataset
+        self.loader = DataLoader(fetched, batch_sampler=self.sampler, num_workers=num_workers,
+                                 collate_fn=NamedCollate(s.collate_fn, fetched), pin_memory=pin_memory,
                                  persistent_workers=persistent_workers and num_workers > 0,
                                  worker_init_fn=ignore_preemption_signals,
                                  generator=torch.Generator())  # never draw from the global RNG: resume stays exact
@@ -65,7 +68,8 @@ class DatasetSource(BatchSource):
             self.dataset.set_epoch(self.epoch)  # before iter(): new workers get the dataset as it is now
         self.sampler.set_epoch(self.epoch, self.position)
         remaining = len(self.sampler)
-        return (iter(self.loader) if remaining else None), remaining
+        self._iterator = iter(self.loader) if remaining else None
+        return self._iterator, remaining
 
     def advance(self, batches: int) -> tuple[int, int]:
         """``batches`` more batches are done on every rank; returns the positions before and after."""
@@ -91,8 +95,10 @@ class DatasetSource(BatchSource):
     def batches_in_epoch(self) -> int:
         return math.ceil(self.position / self.sampler.global_batch)
 
-    def close(self) -> None:
-        self.loader = None  # the last reference: persistent workers shut down now, not at interpreter exit
+    def close(self, failed: bool = False) -> None:
+        """The loader is ours: its workers go now, whatever the way out (not at interpreter exit)."""
+        iterator, self._iterator, self.loader = self._iterator, None, None
+        stop_workers(iterator)
 
     # -- snapshots ----------------------------------------------------------------------------------------------------
     def _sampling_state(self) -> dict:

@@ -337,6 +337,13 @@ def fast_img_loader(
     try:
         with open(path, "rb") as f:
             data = f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read image {os.fspath(path)!r}: {exc.strerror or exc}") from exc
+    if not data:
+        raise DataError(f"cannot decode image {os.fspath(path)!r}: the file is empty (0 bytes). HINT: the copy or "
+                        "download that made it was cut short: replace it, or skip bad files (on_error='skip', "
+                        "--on-bad-file skip)")
+    try:
         decode = _active["decode"]
         if decode is not None and mode in ("RGB", "L", "auto", "unchanged"):
             header = _jpeg_header(data)

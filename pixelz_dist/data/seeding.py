@@ -39,6 +39,7 @@ class SeededDataset(Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
         self._inner_getitems = getattr(dataset, "__getitems__", None)
+        self.last_indices: list | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -54,6 +55,7 @@ class SeededDataset(Dataset):
 
     def __getitems__(self, key: BatchKey):
         seed, indices = key
+        self.last_indices = indices  # for the collate that follows in this process, to name samples in its errors
         if get_worker_info() is not None:
             seed_global_rngs(seed)
             return self._fetch(indices)

@@ -32,7 +32,7 @@ from torch.utils.data import (
 )
 
 from ..errors import ConfigError, SnapshotError
-from .batch_source import BatchSource
+from .batch_source import BatchSource, stop_workers
 from .sampler import ResumableBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class UserLoaderSource(BatchSource):
         self.global_batch = self.batch_size * self.world_size
         self._epoch_start: dict | None = None  # how sampling stood when the current epoch began
         self._pending: dict | None = None  # state from a snapshot, used by the next begin_epoch
+        self._iterator = None  # the iterator this epoch made (of the loader, or of its twin on a resume)
 
     # -- what the engine asks ----------------------------------------------------------------------------------------
     @property
@@ -177,7 +178,8 @@ class UserLoaderSource(BatchSource):
         pending, self._pending = self._pending, None
         if position == 0:
             self._epoch_start = self._capture()
-            return iter(self.loader), self.batches_from(0)
+            self._iterator = iter(self.loader)
+            return self._iterator, self.batches_from(0)
         if pending is None:
             raise SnapshotError("internal: a mid-epoch position without the loader's saved state")
         if self.stateful_loader:
@@ -185,15 +187,21 @@ class UserLoaderSource(BatchSource):
             self._epoch_start = pending.get("epoch_start")
             now = torch.get_rng_state()
             try:  # the interrupted run drew the epoch's seeds before the snapshot: drawing again would shift dropout
-                it = iter(self.loader)
+                self._iterator = iter(self.loader)
             finally:
                 torch.set_rng_state(now)
-            return it, self.batches_from(position)
+            return self._iterator, self.batches_from(position)
         self._epoch_start = pending["epoch_start"]
-        return self._replay(pending["epoch_start"], position), self.batches_from(position)
+        self._iterator = self._replay(pending["epoch_start"], position)
+        return self._iterator, self.batches_from(position)
 
-    def close(self) -> None:
-        """The loader is the user's (and a stateful one is still asked for its state by the final snapshot)."""
+    def close(self, failed: bool = False) -> None:
+        """The loader is the user's (and a stateful one is still asked for its state by the final snapshot): its
+        persistent iterator is left to it after a normal end; any other iterator made here, and every one after a
+        failure, has its workers shut down now."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and (failed or iterator is not getattr(self.loader, "_iterator", None)):
+            stop_workers(iterator)
 
     # -- snapshots ------------------------------------------------------------------------------------------------
     def _sampling_state(self) -> dict:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from ..callbacks.base import CallbackList
 from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.hyperparameters import apply_changes, requested
 from ..checkpoint.order_record import open_order_record
 from ..checkpoint.parts import ModelState, OptimizerState, SchedulerState
 from ..checkpoint.rng import RNGState
@@ -44,7 +45,7 @@ from ..data.dataset_source import DatasetSource
 from ..data.device_feed import DeviceFeed
 from ..data.user_loader import UserLoaderSource
 from ..distributed.env import collective_device, default_num_workers, is_initialized, read_env, sum_over_ranks
-from ..distributed.preemption import Preempted, PreemptionFlag
+from ..distributed.preemption import Interrupted, Preempted, PreemptionFlag
 from ..distributed.prepare import prepare_model
 from ..errors import PixelzError
 from ..fileio import AppendFile
@@ -101,8 +102,10 @@ class Engine:
         self.order = open_order_record(log_prefix) if log_prefix else None
         self.reporter = Reporter(AppendFile(f"{log_prefix}_metrics.jsonl") if log_prefix else None, env.world_size,
                                  self.comm_device, s.display_gpu, device)
+        self._requested = requested(optimizer.param_groups)  # the call's hyper-parameters, before any resume
         self.checkpointer = Checkpointer(s.snapshot_prefix, self._parts(), env, keep_last=s.keep_last,
-                                         meta={"optimizer": type(optimizer).__name__})
+                                         meta={"optimizer": type(optimizer).__name__,
+                                               "hyperparameters": self._requested})
         self._last_losses: list = []
         self.bare_micro_batches = False  # no DDP, no autocast: the micro-batch loop runs without context managers
 
@@ -167,11 +170,13 @@ class Engine:
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self):
         try:
+            self.checkpointer.claim(fresh=self.s.load_snapshot_path is None, overwrite=self.s.overwrite)
             self.resume()  # into the plain module, before DDP wraps it
             self.forward_model = self.prepared.wrap()
             self.bare_micro_batches = self.prepared.ddp is None and self.precision.amp is None
             return self.train()
         finally:
+            self.checkpointer.release()
             self.prepared.undo()
             if self._group_made_here:
                 tdist.destroy_process_group(self._group)
@@ -180,7 +185,12 @@ class Engine:
         path, content = self.checkpointer.choose(self.s.load_snapshot_path)
         if path is None:
             return
-        self.checkpointer.load(path, content)
+        snap = self.checkpointer.load(path, content)
+        changes = apply_changes(self.optimizer, self.scheduler, self._requested,
+                                snap.get("meta", {}).get("hyperparameters"))
+        if changes:
+            logger.warning("resuming with %s from this call (the run that wrote the snapshot had the former); the "
+                           "optimizer's state and the schedule's position come from the snapshot", ", ".join(changes))
         if self.source.skipped_rest_of_epoch:  # the snapshot's epoch has ended: its scheduler step is due
             with warnings.catch_warnings():  # torch warns that no optimizer.step() ran yet in this process: expected
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
@@ -208,12 +218,14 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)  # gradients left by the caller must not leak into step 1
         for hook in self.callbacks.on_train_start:
             hook(self.state)
-        with self.preemption:  # DataLoader workers start inside: they inherit the flag-setting handlers
+        with self.preemption:  # DataLoader workers start inside (and ignore these signals: see the module)
             try:
                 while not self.done():
                     self.run_epoch()
-            finally:
-                source.close()
+            except BaseException:
+                source.close(failed=True)  # no worker may outlive the error: a process with live workers never exits
+                raise
+            source.close()
         self.requests.finish()  # the last exchange in flight (under torchrun): every rank waits for it alike
         if self.reporter.meter.iterations:
             self.display()
@@ -375,13 +387,20 @@ class Engine:
         return path
 
     def preempt(self):
-        """Snapshot (rank 0 writes, all wait), then leave with the preemption exit code on every rank."""
+        """Snapshot (rank 0 writes, all wait), then leave on every rank: with the preemption exit code, or as a
+        KeyboardInterrupt after a Ctrl-C."""
         self.requests.finish()  # every rank has one exchange in flight (under torchrun): settle it alike
+        interrupted = self.preemption.interrupted
         name = self.preemption.signal_name or "a signal received on another rank"
-        logger.warning("preemption: %s received; snapshot at iteration %d, then exit", name, self.progress.iteration)
+        if interrupted:
+            logger.warning("interrupted (Ctrl-C): snapshot at iteration %d, then exit (press Ctrl-C again to stop "
+                           "at once)", self.progress.iteration)
+        else:
+            logger.warning("preemption: %s received; snapshot at iteration %d, then exit", name,
+                           self.progress.iteration)
         path = self.write_snapshot() if self.s.snapshot_prefix else None
         self.flush_files()
-        raise Preempted(name, path)
+        raise Interrupted(path) if interrupted else Preempted(name, path)
 
     # -- reporting --------------------------------------------------------------------------------------------------
     def display(self) -> None:

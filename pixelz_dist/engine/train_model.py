@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from torch.utils.data import DataLoader
@@ -15,6 +16,8 @@ from ..log import ensure_handler, rank_logging
 from .loop import Engine
 from .settings import RunSettings, apply_legacy_names, check_settings, setting_names
 
+logger = logging.getLogger(__name__)
+
 
 def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False, snapshot_prefix=None, num_iters=None,
                 num_epochs=None, iter_size=1, display_iter=20, snapshot_interval=None, load_snapshot_path=None,
@@ -23,7 +26,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
                 clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
                 on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
-                **legacy_kwargs):
+                overwrite=False, **legacy_kwargs):
     """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
 
     An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
@@ -94,13 +97,19 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
             return value are still the plain module.
         closure: the optimizer needs ``step(closure)`` (None: detected for ``torch.optim.LBFGS``); needs iter_size=1.
         prefetch: on CUDA, copy the next batch to the GPU on a side stream during the current step.
+        overwrite: a run that does not resume refuses a ``snapshot_prefix`` that holds another run's snapshots;
+            True sets those aside (renamed ``NAME.old-<time>``, not deleted) and starts afresh.
 
     Returns:
         The trained model.
 
     Raises:
-        ConfigError: invalid arguments (all listed at once). DataError: an empty dataset.
-        SnapshotError: a snapshot that cannot be loaded or does not fit.
+        ConfigError: invalid arguments (all listed at once); an optimizer that holds none of the model's
+            parameters; a snapshot prefix that cannot be written, is another live run's, or holds an old run's
+            snapshots (see ``overwrite``). DataError: an empty dataset, or a sample that cannot be loaded.
+        SnapshotError: a snapshot that cannot be loaded, does not fit, or cannot be written.
+        Preempted: SIGTERM / SIGUSR1 / SIGUSR2 arrived; a snapshot was written (exit code 75 when uncaught).
+        Interrupted: Ctrl-C arrived; a snapshot was written (a KeyboardInterrupt).
 
     Example:
         >>> model = train_model(model, optimizer, scheduler, dataset, batch_size=6, num_epochs=5, iter_size=2,
@@ -122,6 +131,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                         "folders or the filter that built it.")
     values["closure"] = isinstance(optimizer, torch.optim.LBFGS) if closure is None else bool(closure)
     settings: RunSettings = check_settings(values)
+    check_optimizer_holds(model, optimizer)
     ensure_handler()
     with process_group(backend=backend, timeout_s=dist_timeout) as env, rank_logging(env.rank, env.world_size):
         callbacks = builtin_callbacks(settings) + list(callbacks or ())
@@ -140,6 +150,21 @@ def builtin_callbacks(s) -> list:
     if s.time_budget is not None:
         cbs.append(TimeBudget(s.time_budget))
     return cbs
+
+
+def check_optimizer_holds(model, optimizer) -> None:
+    """The optimizer must step the model's own parameters (a re-created or copied model has new ones)."""
+    own = {id(p) for p in model.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in own for p in held)
+    if held and foreign == len(held):
+        raise ConfigError(f"the optimizer holds none of the model's parameters ({len(held)} parameter(s) in its "
+                          f"groups, {len(own)} in {type(model).__name__}): training would change nothing. HINT: "
+                          "build the optimizer from this model (model.parameters() or make_param_groups(model, ...)) "
+                          "after creating it; a copied or re-created model has new parameter objects.")
+    if foreign:
+        logger.warning("%d of the optimizer's %d parameters are not %s's: they will not be trained", foreign,
+                       len(held), type(model).__name__)
 
 
 def check_user_loader(loader: DataLoader, batch_size, **defaults_only) -> int:

@@ -3,6 +3,9 @@ so that a job runs long enough to be signalled mid-run."""
 
 import time
 
+import torch
+from torch import nn
+
 from pixelz_dist.cli.demo import DemoDataset, make_demo_dataset
 
 
@@ -23,3 +26,15 @@ def make(root: str, num_samples: int = 16, delay: float = 0.02) -> SlowDemo:
 
 def not_a_dataset():
     return 42
+
+
+class TwoFolderNet(nn.Module):
+    """A ``--model`` for ``--data RGB_FOLDER MASK_FOLDER``: one convolution, its logits against the mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, rgb, mask):
+        return nn.functional.binary_cross_entropy_with_logits(self.conv(rgb), (mask > 0.5).float())
