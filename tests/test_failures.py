@@ -403,3 +403,35 @@ def test_a_shape_mismatch_hint_does_not_suggest_strict_load_and_no_strict_load_w
     assert wider.returncode == 2
     assert "shape mismatches" in wider.stderr and "strict_load" not in wider.stderr
     assert "same sizes" in wider.stderr
+    plus = ("--model", "slow_data:TinySegNetPlus", "--dataset", "slow_data:make", "--dataset-arg",
+            f"root={str(tmp_path / 'demo')!r}", "--iters", "3", "--workers", "0", "--snapshot-prefix", str(prefix),
+            "--resume", "auto")
+    strict = cli(*plus, cwd=os.path.join(TESTS, "jobs"))
+    assert strict.returncode == 2 and "missing from the snapshot: ['calibration']" in strict.stderr
+    assert "--no-strict-load" in strict.stderr
+    relaxed = cli(*plus, "--no-strict-load", cwd=os.path.join(TESTS, "jobs"))
+    assert relaxed.returncode == 0, relaxed.stderr[-2000:]
+    assert list_snapshots(str(prefix))[0][0] == 3
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs: root cannot write there either (plain permissions do not stop root)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        if os.environ.get("PIXELZ_REQUIRE_ROOT_TESTS") == "1":
+            pytest.fail(f"cannot mount a tmpfs: {made.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root ({made.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_read_only_prefix_is_refused_before_the_first_iteration(read_only_folder):
+    model = LinReg()
+    with pytest.raises(ConfigError, match=r"cannot write snapshots to .*ro.*Read-only file system"):
+        train_model(model, torch.optim.SGD(model.parameters(), lr=0.05), None, make_data(16), 4, num_iters=50,
+                    snapshot_prefix=str(read_only_folder / "s"), num_workers=0)
+    assert model.forwards == 0
