@@ -51,7 +51,7 @@ from ..errors import PixelzError
 from ..fileio import AppendFile
 from .model_call import call_model, extract_loss
 from .precision import MixedPrecision
-from .report import Reporter
+from .report import Reporter, describe_run
 from .requests import Requests, agreement_group
 from .scheduling import SchedulerStepper
 from .settings import RunSettings
@@ -204,16 +204,8 @@ class Engine:
     def train(self):
         s, source = self.s, self.source
         self.schedule.start(source.epoch_fraction())
-        world = f", {self.env.world_size} processes" if self.distributed else ""
-        what = (f"{source.num_samples} samples, batch {s.batch_size}" if source.kind == "dataset" else
-                f"your DataLoader ({source.epoch_size} batches per epoch, batch {source.batch_size})")
-        extras = "".join(f", {name}" for name, on in (
-            (f"amp {s.amp}", s.amp), ("channels_last", s.channels_last), ("torch.compile", s.compile),
-            ("LBFGS-style closure", s.closure)) if on)
-        logger.info("training %s on %s%s: %s x iter_size %d, %d DataLoader workers, %s%s",
-                    type(self.model).__name__, self.device, world, what, s.iter_size, self.num_workers,
-                    f"{s.num_iters} iterations" if s.num_iters is not None else
-                    f"{s.num_epochs} epochs ({self.iterations_per_epoch()} iterations each)", extras)
+        logger.info("training %s", describe_run(s, type(self.model).__name__, self.device, self.env.world_size,
+                                                source, self.num_workers, self.iterations_per_epoch()))
         self.reporter.start(self.progress.iteration)
         self.optimizer.zero_grad(set_to_none=True)  # gradients left by the caller must not leak into step 1
         for hook in self.callbacks.on_train_start:

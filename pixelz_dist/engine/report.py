@@ -103,6 +103,20 @@ class WindowMeter:
             entry[1] += 1
 
 
+def describe_run(s, model_name: str, device, world_size: int, source, workers: int, per_epoch) -> str:
+    """What the first log line says about the run: the model, where, the data, the length, the speed options."""
+    world = f", {world_size} processes" if world_size > 1 else ""
+    what = (f"{source.num_samples} samples, batch {s.batch_size}" if source.kind == "dataset" else
+            f"your DataLoader ({source.epoch_size} batches per epoch, batch {source.batch_size})")
+    extras = "".join(f", {name}" for name, on in (
+        (f"amp {s.amp}", s.amp), ("channels_last", s.channels_last), ("torch.compile", s.compile),
+        ("LBFGS-style closure", s.closure)) if on)
+    length = (f"{s.num_iters} iterations" if s.num_iters is not None else
+              f"{s.num_epochs} epochs ({per_epoch} iterations each)")
+    return (f"{model_name} on {device}{world}: {what} x iter_size {s.iter_size}, {workers} DataLoader workers, "
+            f"{length}{extras}")
+
+
 class Reporter:
     """Writes one log line and one metrics row per display window.
 
