@@ -5,6 +5,7 @@ cases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -275,19 +276,27 @@ def test_an_invalid_invocation_leaves_the_saved_configuration_alone(tmp_path):
 
 
 # -- a full disk -----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1.2 MB tmpfs (root only)."""
-    mount = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount, options: str):
+    """A tmpfs mounted at ``mount`` (root only: skipped elsewhere, failed where CI says this machine can mount)."""
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True,
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if made.returncode != 0:
         if os.environ.get("PIXELZ_REQUIRE_ROOT_TESTS") == "1":
             pytest.fail(f"cannot mount a tmpfs: {made.stderr.strip()}")
         pytest.skip(f"mounting a tmpfs needs root ({made.stderr.strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """1.2 MB of disk."""
+    with tmpfs(tmp_path / "disk", "size=1200k") as mount:
+        yield mount
 
 
 class Wide(torch.nn.Module):
@@ -416,17 +425,9 @@ def test_a_shape_mismatch_hint_does_not_suggest_strict_load_and_no_strict_load_w
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A read-only tmpfs: root cannot write there either (plain permissions do not stop root)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        if os.environ.get("PIXELZ_REQUIRE_ROOT_TESTS") == "1":
-            pytest.fail(f"cannot mount a tmpfs: {made.stderr.strip()}")
-        pytest.skip(f"mounting a tmpfs needs root ({made.stderr.strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    """Read-only: root cannot write there either (plain permissions do not stop root)."""
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
+        yield mount
 
 
 def test_a_read_only_prefix_is_refused_before_the_first_iteration(read_only_folder):
