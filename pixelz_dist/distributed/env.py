@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from ..errors import ConfigError
+from .preemption import Interrupted, Preempted
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def process_group(backend: str | None = None, timeout_s: float | None = None):
 
     Without torchrun's variables (or with WORLD_SIZE=1) there is nothing to set up. A group that already exists (made
     by the user, or by an enclosing ``process_group`` block such as ``find_lr``'s) is used as it is and left alone;
-    a group this block created is destroyed when it exits, also on error.
+    a group this block created is destroyed when it exits (after a barrier when it ends normally), also on error.
     """
     env = read_env()
     if not env.is_distributed or torch.distributed.is_initialized():
@@ -170,11 +171,24 @@ def process_group(backend: str | None = None, timeout_s: float | None = None):
     init_process_group(env, backend=backend, timeout_s=timeout_s)
     try:
         yield env
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    except BaseException as e:
+        # A preemption or a Ctrl-C ends every rank together after the snapshot; any other error may have left a
+        # peer that never reaches a barrier.
+        _destroy(together=isinstance(e, (Preempted, Interrupted)))
+        raise
+    _destroy(together=True)
 
 
+def _destroy(together: bool) -> None:
+    """Destroy the default group. ``together``: every rank gets here; first they wait for each other, since a rank
+    that only sent in the last collective (rank 0 in the last snapshot's broadcast) could otherwise take gloo's
+    connections down under a send still in flight, and the process aborts ("terminate called without an active
+    exception")."""
+    if not tdist.is_initialized():
+        return
+    if together:
+        tdist.barrier()
+    tdist.destroy_process_group()
 
 
 def is_initialized() -> bool:
