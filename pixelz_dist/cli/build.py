@@ -57,7 +57,7 @@ def build_dataset_and_model(opts: Namespace):
         from ..data.multi_images import MultiImgsDataset
 
         dataset = MultiImgsDataset(opts.data, v2.ToDtype(torch.float32, scale=True), modes=opts.modes,
-                                   on_error=opts.on_bad_file)
+                                   on_error=opts.on_bad_file, cache_dir=opts.cache_dir)
     return model, dataset
 
 

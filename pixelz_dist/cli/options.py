@@ -28,7 +28,7 @@ COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz
 META = ("config", "print_config")  # options about the configuration itself, never saved in it
 TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE options; tables in a config file
 EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")]
-DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file"), "dataset": ("dataset_arg",)}
+DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir"), "dataset": ("dataset_arg",)}
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")
 
@@ -137,6 +137,9 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--on-bad-file", choices=("raise", "skip"), default="raise",
                    help="--data: a file that cannot be decoded stops training with its name (raise), or is logged "
                         "once and replaced by the next good sample (skip)")
+    g.add_argument("--cache-dir", metavar="DIR", help="--data: keep the decoded pixels of lossless images (PNG, TIFF, "
+                   "BMP, ...) in DIR, so they are inflated once, not every epoch (fill it ahead with "
+                   "python -m pixelz_dist.prepare)")
     g.add_argument("--dataset", metavar="MODULE:FACTORY", help="a callable returning a map-style dataset, for full "
                    "control over the data")
     g.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",

@@ -41,6 +41,8 @@ BACKENDS = ("simplejpeg", "turbojpeg", "jpeg4py", "pil")
 #: Modes beyond Pillow's own: ``auto`` keeps grey and high-bit-depth images and makes the rest RGB (masks and depth
 #: maps stay meaningful); ``unchanged`` keeps the decoded mode (palette masks keep their class indices).
 _SPECIAL_MODES = ("auto", "unchanged")
+#: Modes the libjpeg-turbo fast path serves; others (CMYK, YCbCr, ...) go through Pillow.
+FAST_MODES = ("RGB", "L", "auto", "unchanged")
 _AUTO_KEEP = frozenset({"L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 _PIL_MODES = frozenset(Image.MODES) | _AUTO_KEEP
 #: ImageOps.exif_transpose's table, so both paths rotate the same way.
@@ -253,7 +255,7 @@ def _orient_hwc(t: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _decode_fast(decode: Decoder, data: bytes, header: tuple, mode: str, as_tensor: bool, fast_grey: bool, exif: bool):
-    width, height, components, orientation = header
+    components, orientation = header[2:]
     if mode in _SPECIAL_MODES:
         mode = "L" if components == 1 else "RGB"
     if mode == "RGB":
@@ -262,8 +264,8 @@ def _decode_fast(decode: Decoder, data: bytes, header: tuple, mode: str, as_tens
         arr = decode(data, "GRAY")  # the luma plane as stored: exact for grey files, Pillow's draft("L") otherwise
     else:
         # Pillow's own RGB -> L rounding, on a zero-copy view of an RGBX decode (Pillow stores RGB as 4 bytes).
-        rgbx = decode(data, "RGBX")
-        grey = Image.frombuffer("RGBX", (width, height), rgbx, "raw", "RGBX", 0, 1).convert("L")
+        rgbx = np.ascontiguousarray(decode(data, "RGBX"))  # no-op for a whole decode; a region may be a view
+        grey = Image.frombuffer("RGBX", rgbx.shape[1::-1], rgbx, "raw", "RGBX", 0, 1).convert("L")
         if not as_tensor:
             return grey.transpose(_TRANSPOSE[orientation]) if exif and orientation != 1 else grey
         del rgbx  # freed before the copy below: a lower peak lets the allocator reuse memory (1.5x faster at 4 MP)
@@ -333,7 +335,12 @@ def fast_img_loader(
         ConfigError: unknown ``mode`` or ``PIXELZ_JPEG_BACKEND``.
     """
     check_mode(mode)
-    backend = jpeg_backend()
+    jpeg_backend()
+    return decode_image(read_image_file(path), path, mode, as_tensor=as_tensor, fast_grey=fast_grey, exif=exif)
+
+
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file; a missing, unreadable or empty file is a ``DataError`` that names it."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -343,15 +350,23 @@ def fast_img_loader(
         raise DataError(f"cannot decode image {os.fspath(path)!r}: the file is empty (0 bytes). HINT: the copy or "
                         "download that made it was cut short: replace it, or skip bad files (on_error='skip', "
                         "--on-bad-file skip)")
+    return data
+
+
+def decode_image(
+    data: bytes, path: str | os.PathLike[str], mode: str, *, as_tensor: bool, fast_grey: bool = False, exif: bool = True
+) -> Image.Image | torch.Tensor:
+    """:func:`fast_img_loader` on bytes already read (``path`` names the file in errors); ``mode`` already checked."""
     try:
         decode = _active["decode"]
-        if decode is not None and mode in ("RGB", "L", "auto", "unchanged"):
+        if decode is not None and mode in FAST_MODES:
             header = _jpeg_header(data)
             if header is not None:
                 try:
                     return _decode_fast(decode, data, header, mode, as_tensor, fast_grey, exif)
                 except Exception as exc:
-                    logger.debug("%s could not decode %r (%s); retrying with Pillow", backend, os.fspath(path), exc)
+                    logger.debug("%s could not decode %r (%s); retrying with Pillow", _active["name"], os.fspath(path),
+                                 exc)
         return _decode_pil(data, mode, as_tensor, fast_grey, exif)
     except Exception as exc:
         raise DataError(f"cannot decode image {os.fspath(path)!r}: {type(exc).__name__}: {exc}") from exc

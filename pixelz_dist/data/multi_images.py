@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .crop_plan import Box, CropPlanner
 from .images import check_mode, fast_img_loader, jpeg_backend
+from .jpeg_region import region_decoder_available
+from .pixel_cache import PixelCache
+from .region_sources import open_source
 
 __all__ = ["IMAGE_EXTENSIONS", "MultiImgsDataset", "natural_key", "pil_loader", "scan_images"]
 
@@ -34,6 +39,7 @@ _KEEP_MODES = frozenset({"L", "I", "F"})
 
 _MATCH_MODES = ("stem", "sorted")
 _ON_ERROR = ("raise", "skip")
+_CROP_DECODE = ("exact", "scaled", "off")
 _KINDS = ("image", "mask")
 _MAX_LISTED = 5
 _DIGITS = re.compile(r"\d+")
@@ -190,6 +196,8 @@ class MultiImgsDataset(Dataset):
         kinds: Sequence[str] | None = None,
         match: str = "stem",
         on_error: str = "raise",
+        cache_dir: str | os.PathLike[str] | None = None,
+        crop_decode: str = "exact",
     ) -> None:
         if isinstance(dirs, (str, bytes, os.PathLike)):
             raise ConfigError(f"dirs must be a list of folders, not a single path {dirs!r}")
@@ -201,7 +209,9 @@ class MultiImgsDataset(Dataset):
             raise ConfigError(f"match must be one of {_MATCH_MODES}, got {match!r}")
         if on_error not in _ON_ERROR:
             raise ConfigError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
-        self.match, self.on_error = match, on_error
+        if crop_decode not in _CROP_DECODE:
+            raise ConfigError(f"crop_decode must be one of {_CROP_DECODE}, got {crop_decode!r}")
+        self.match, self.on_error, self.crop_decode = match, on_error, crop_decode
         self._set_transforms(transforms)
 
         if loader is not None and not callable(loader):
@@ -217,6 +227,15 @@ class MultiImgsDataset(Dataset):
             for mode in self.modes:
                 check_mode(mode)
             jpeg_backend()  # choose and log the decoder once, here, rather than in every worker
+        elif cache_dir is not None:
+            raise ConfigError("cache_dir works with the default loader only (the cache stores what fast_img_loader "
+                              "decodes); HINT: drop loader=, or cache in your loader")
+        self.cache = PixelCache(cache_dir) if cache_dir is not None else None
+        self._planner: CropPlanner | None = None
+        if self.joint_transform is not None and loader is None and crop_decode != "off":
+            planner = CropPlanner(self.joint_transform, scaling=crop_decode == "scaled")
+            self._planner = planner if planner.supported else None
+        self._regions = self._planner is not None and region_decoder_available()
 
         names = [_scan(d) for d in self.dirs]
         if match == "stem":
@@ -295,30 +314,46 @@ class MultiImgsDataset(Dataset):
         return len(self.stems)
 
     def load(self, index: int, folder: int) -> Any:
-        """Load one image, untransformed; the single place that turns decoding failures into ``DataError``."""
+        """Load one image, untransformed."""
         path = self.files[folder][index]
-        where = f"folder {self.dirs[folder]!r}, sample {index}"
-        try:
+        with self._naming(index, folder):
             if self.loader is fast_img_loader:
-                return fast_img_loader(path, self.modes[folder], as_tensor=self.joint_transform is not None)
+                as_tensor = self.joint_transform is not None
+                if self.cache is not None:
+                    return self.cache.load(path, self.modes[folder], as_tensor=as_tensor)
+                return fast_img_loader(path, self.modes[folder], as_tensor=as_tensor)
             if self._pass_mode:
                 return self.loader(path, self.modes[folder])
             return self.loader(path)
+
+    @contextmanager
+    def _naming(self, index: int, folder: int) -> Iterator[None]:
+        """The single place that turns loading failures into a ``DataError`` naming the file, folder and sample."""
+        where = f"folder {self.dirs[folder]!r}, sample {index}"
+        try:
+            yield
         except DataError as exc:  # fast_img_loader's message already names the file
             raise DataError(f"{exc} ({where})") from exc
         except Exception as exc:
+            path = self.files[folder][index]
             raise DataError(f"cannot load image {path!r} ({where}): {type(exc).__name__}: {exc}") from exc
 
-    def _load_sample(self, index: int) -> list[Any]:
+    def _first_loadable(self, index: int, attempt: Callable[[int], Any]) -> Any:
+        """``attempt(index)``; with ``on_error="skip"``, the next sample (wrapping around) that loads instead.
+
+        The RNG is rewound before a substitute, so it is drawn for exactly as if the bad sample had not been tried.
+        """
         n = len(self.stems)
         for i in (index + k if index + k < n else index + k - n for k in range(n)):
             if i in self._bad:
                 continue
+            rng = torch.get_rng_state() if self.on_error == "skip" else None
             try:
-                return [self.load(i, k) for k in range(len(self.dirs))]
+                return attempt(i)
             except DataError as exc:
                 if self.on_error == "raise":
                     raise
+                torch.set_rng_state(rng)
                 self._bad.add(i)
                 self._first_error = self._first_error or exc
                 logger.warning("skipping sample %d (on_error='skip'): %s", i, exc)
@@ -326,18 +361,45 @@ class MultiImgsDataset(Dataset):
             f"no sample of {self!r} can be loaded (on_error='skip'); first error: {self._first_error}"
         ) from self._first_error
 
-    def _apply_joint(self, images: list[Any]) -> tuple[Any, ...]:
+    def _load_sample(self, index: int) -> list[Any]:
+        return self._first_loadable(index, lambda i: [self.load(i, k) for k in range(len(self.dirs))])
+
+    def _wrap(self, images: Sequence[Any]) -> list[Any]:
         from torchvision import tv_tensors
 
-        wrapped = [
+        return [
             tv_tensors.Mask(_to_tensor(img)) if kind == "mask" else tv_tensors.Image(_to_tensor(img))
             for img, kind in zip(images, self.kinds)
         ]
-        out = self.joint_transform(*wrapped)
-        if len(wrapped) == 1 and not isinstance(out, (tuple, list)):
+
+    def _unwrap(self, out: Any, n: int) -> tuple[Any, ...]:
+        from torchvision import tv_tensors
+
+        if n == 1 and not isinstance(out, (tuple, list)):
             out = (out,)
         # Plain tensors: collation and model(*batch) need nothing from the tv_tensor subclasses.
         return tuple(x.as_subclass(torch.Tensor) if isinstance(x, tv_tensors.TVTensor) else x for x in out)
+
+    def _apply_joint(self, images: list[Any]) -> tuple[Any, ...]:
+        return self._unwrap(self.joint_transform(*self._wrap(images)), len(images))
+
+    def _cropped_sample(self, i: int) -> tuple[Any, ...]:
+        """Sample ``i`` with the crop drawn from the images' sizes first and only the crop decoded (see crop_plan)."""
+        sources = []
+        for k in range(len(self.dirs)):
+            with self._naming(i, k):
+                sources.append(open_source(self.files[k][i], self.modes[k], cache=self.cache, regions=self._regions))
+        sizes = {s.size for s in sources}
+        if len(sizes) != 1:  # the transform itself says which sizes differ
+            return self._apply_joint([s.read(Box(0, 0, *s.size))[0] for s in sources])
+        plan = self._planner.plan(*sizes.pop())
+        boxes, scaled = [], []
+        for k, source in enumerate(sources):
+            with self._naming(i, k):
+                pixels, was_scaled = source.read(plan.box, plan.scale if self.kinds[k] == "image" else 1)
+            boxes.append(pixels)
+            scaled.append(was_scaled)
+        return self._unwrap(self._planner.finish(plan, self._wrap(boxes), scaled), len(boxes))
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         n = len(self.stems)
@@ -345,6 +407,8 @@ class MultiImgsDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"sample index {index} out of range for {n} samples")
+        if self._planner is not None:
+            return self._first_loadable(index, self._cropped_sample)
         images = self._load_sample(index)
         if self.joint_transform is not None:
             return self._apply_joint(images)

@@ -12,8 +12,28 @@ import sys
 
 import torch
 
-from pixelz_dist import Callback, train_model
-from pixelz_dist.cli.demo import DemoDataset, TinySegNet
+from pixelz_dist import Callback, MultiImgsDataset, train_model
+from pixelz_dist.cli.demo import DEMO_FOLDERS, DemoDataset, TinySegNet
+
+
+class JointDemo(torch.utils.data.Dataset):
+    """The demo files through a joint v2 crop (crop-aware decoding) and, with a cache folder, the pixel cache."""
+
+    def __init__(self, root, cache_dir):
+        from torchvision.transforms import v2
+
+        t = v2.Compose([v2.RandomResizedCrop(16, scale=(0.3, 1.0)), v2.RandomHorizontalFlip(),
+                        v2.ToDtype(torch.float32, scale=True)])
+        self.images = MultiImgsDataset([os.path.join(root, sub) for sub, _ in DEMO_FOLDERS], t,
+                                       modes=["RGB", "L", "L"], kinds=["image", "image", "mask"], cache_dir=cache_dir)
+        assert self.images._planner is not None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        rgb, hint, mask = self.images[index]
+        return rgb, hint, (mask > 127).float()
 
 
 class KillAt(Callback):
@@ -37,7 +57,8 @@ def main():
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
     callbacks = [KillAt(cfg["kill_at"])] if cfg.get("kill_at") else []
-    train_model(model, optimizer, scheduler, DemoDataset(cfg["data"]), cfg.get("batch_size", 4), shuffle=True,
+    data = JointDemo(cfg["data"], cfg.get("cache")) if cfg.get("joint") else DemoDataset(cfg["data"])
+    train_model(model, optimizer, scheduler, data, cfg.get("batch_size", 4), shuffle=True,
                 snapshot_prefix=cfg["prefix"], num_iters=cfg.get("num_iters"), num_epochs=cfg.get("num_epochs"),
                 iter_size=cfg["iter_size"], display_iter=2, snapshot_interval=cfg.get("interval"),
                 load_snapshot_path=cfg.get("resume"), schedule_on_iter=cfg.get("schedule_on_iter", False),
