@@ -5,6 +5,8 @@ Two workloads, generated from scikit-image's photographs (``pip install -e ".[be
 * ``imagenet``: one JPEG per sample, about 500 x 375, quality 90; ``RandomResizedCrop(224)`` + flip + float.
 * ``seed``: an RGB JPEG of about 1 MP (1000-1300 wide, 4:3, quality 92), a grey PNG hint (a smooth, blurred channel)
   and a grey PNG mask (a few flat regions); a joint ``RandomResizedCrop(512, scale=(0.25, 1))`` + flip + float.
+* ``large``: the seed RGB JPEG at twice the size (about 4.5 MP, 2000-2600 wide), alone, with the same transform: the
+  case DCT-domain scaling is for (a crop at least twice the output). In the two workloads above it never applies.
 
 CPU (``--cpu``, the default): samples/s on one core (``num_workers=0``, one torch thread, ``taskset`` if you like),
 every configuration in a fresh process, rounds interleaved so the ratios come from one run:
@@ -43,6 +45,7 @@ if os.path.isdir(os.path.join(_ROOT, "pixelz_dist")):  # measure the checkout th
     sys.path.insert(0, _ROOT)
 
 CPU_CONFIGS = ("reference", "today", "exact", "scaled")
+WORKLOADS = ("imagenet", "seed", "large")
 
 
 def _photos() -> list[np.ndarray]:
@@ -55,7 +58,7 @@ def _photos() -> list[np.ndarray]:
 def make_files(root: str, n_imagenet: int, n_seed: int) -> dict:
     """``root/imagenet/photos/*.jpg`` (an ImageFolder with one class) and ``root/seed/{rgb,hint,mask}``."""
     src = _photos()
-    for d in ("imagenet/photos", "seed/rgb", "seed/hint", "seed/mask"):
+    for d in ("imagenet/photos", "seed/rgb", "seed/hint", "seed/mask", "large/photos"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(max(n_imagenet, n_seed)):
@@ -78,13 +81,16 @@ def make_files(root: str, n_imagenet: int, n_seed: int) -> dict:
             levels = np.asarray(grey.filter(ImageFilter.GaussianBlur(12)))
             mask = (levels > np.median(levels)).astype(np.uint8) * 255
             Image.fromarray(mask).save(os.path.join(root, "seed/mask", f"{i:05d}.png"))
+            if i < n_seed // 2:
+                img.resize((2 * width, width * 3 // 2), Image.Resampling.LANCZOS).save(
+                    os.path.join(root, "large/photos", f"{i:05d}.jpg"), quality=92)
 
     def kib(folder: str) -> float:
         files = [os.path.join(root, folder, f) for f in os.listdir(os.path.join(root, folder))]
         return round(sum(os.path.getsize(f) for f in files) / len(files) / 1024, 1)
 
     return {"imagenet_jpeg_kib": kib("imagenet/photos"), "seed_rgb_kib": kib("seed/rgb"),
-            "seed_hint_kib": kib("seed/hint"), "seed_mask_kib": kib("seed/mask")}
+            "seed_hint_kib": kib("seed/hint"), "seed_mask_kib": kib("seed/mask"), "large_kib": kib("large/photos")}
 
 
 def pil_mode_loader(path: str, mode: str) -> Image.Image:
@@ -100,8 +106,9 @@ def transform(workload: str):
     if workload == "imagenet":
         return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(),
                            v2.ToDtype(torch.float32, scale=True)])
-    return v2.Compose([v2.RandomResizedCrop(512, scale=(0.25, 1.0)), v2.RandomHorizontalFlip(),
-                       v2.ToDtype(torch.float32, scale=True)])
+    head = [v2.ToImage()] if workload == "large" else []  # ImageFolder's PIL images, as for imagenet
+    return v2.Compose(head + [v2.RandomResizedCrop(512, scale=(0.25, 1.0)), v2.RandomHorizontalFlip(),
+                              v2.ToDtype(torch.float32, scale=True)])
 
 
 def dataset(workload: str, config: str, root: str, cache: str):
@@ -110,10 +117,10 @@ def dataset(workload: str, config: str, root: str, cache: str):
     from pixelz_dist.data import MultiImgsDataset
 
     t = transform(workload)
-    if workload == "imagenet":
+    if workload in ("imagenet", "large"):
         if config == "reference":
-            return ImageFolder(os.path.join(root, "imagenet"), transform=t)
-        folders, modes, kinds = [os.path.join(root, "imagenet/photos")], ["RGB"], ["image"]
+            return ImageFolder(os.path.join(root, workload), transform=t)
+        folders, modes, kinds = [os.path.join(root, workload, "photos")], ["RGB"], ["image"]
     else:
         folders = [os.path.join(root, "seed", d) for d in ("rgb", "hint", "mask")]
         modes, kinds = ["RGB", "L", "L"], ["image", "image", "mask"]
@@ -147,7 +154,7 @@ def psnr_scaled(root: str, cache: str, samples: int = 24) -> dict:
     import torch
 
     out = {}
-    for workload in ("imagenet", "seed"):
+    for workload in WORKLOADS:
         exact, scaled = (dataset(workload, c, root, cache) for c in ("exact", "scaled"))
         values = []
         for i in range(min(samples, len(exact))):
@@ -164,7 +171,7 @@ def psnr_scaled(root: str, cache: str, samples: int = 24) -> dict:
 
 def run_cpu(args, root: str, settings: dict) -> None:
     results: dict[tuple, list[float]] = {}
-    runs = [(w, c) for w in ("imagenet", "seed") for c in CPU_CONFIGS]
+    runs = [(w, c) for w in WORKLOADS for c in CPU_CONFIGS]
     for rep in range(args.reps):
         shift = rep * 3 % len(runs)
         for workload, config in runs[shift:] + runs[:shift]:
@@ -178,7 +185,7 @@ def run_cpu(args, root: str, settings: dict) -> None:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
             results.setdefault((workload, config), []).append(row["samples_s"])
             print(json.dumps({"kind": "round", "rep": rep, "workload": workload, "config": config, **row}), flush=True)
-    for workload in ("imagenet", "seed"):
+    for workload in WORKLOADS:
         ref = statistics.median(results[(workload, "reference")])
         for config in CPU_CONFIGS:
             med = statistics.median(results[(workload, config)])
