@@ -180,23 +180,31 @@ static PyObject *decode_region(PyObject *self, PyObject *args)
         strcpy(jerr.message, "could not skip to the box's first row");
         longjmp(jerr.jump, 1);
     }
-    /* Freed by jpeg_destroy_decompress on every path. */
-    JDIMENSION rows = (JDIMENSION)cinfo.rec_outbuf_height;
-    JSAMPARRAY buffer = (*cinfo.mem->alloc_sarray)((j_common_ptr)&cinfo, JPOOL_IMAGE,
-                                                   cinfo.output_width * (JDIMENSION)cinfo.output_components, rows);
+    /* Rows go straight into the result when the decoded columns are the box's (a full-width box); otherwise through
+     * a scratch buffer (freed by jpeg_destroy_decompress on every path) whose box columns are copied. 16 rows a call:
+     * one row a call cost about 10 % more on a 0.19 MP image. */
+    enum { BATCH = 16 };
+    JSAMPROW rows[BATCH];
+    JSAMPARRAY scratch = (*cinfo.mem->alloc_sarray)((j_common_ptr)&cinfo, JPOOL_IMAGE,
+                                                    cinfo.output_width * (JDIMENSION)cinfo.output_components, BATCH);
     size_t src_offset = (size_t)(c0 - crop_x) * channels, row_bytes = (size_t)out_w * channels;
+    int direct = src_offset == 0 && cinfo.output_width == out_w;
     while (cinfo.output_scanline < r1) {
         JDIMENSION at = cinfo.output_scanline;
-        JDIMENSION got = jpeg_read_scanlines(&cinfo, buffer, rows);
+        JDIMENSION want = (at < r0 ? r0 : r1) - at; /* margin rows above the box apart from the box's own */
+        if (want > BATCH)
+            want = BATCH;
+        int into_result = direct && at >= r0;
+        for (JDIMENSION i = 0; i < want; i++)
+            rows[i] = into_result ? dst + (size_t)(at - r0 + i) * row_bytes : scratch[i];
+        JDIMENSION got = jpeg_read_scanlines(&cinfo, rows, want);
         if (got == 0) {
             strcpy(jerr.message, "no rows came out before the box's last row");
             longjmp(jerr.jump, 1);
         }
-        for (JDIMENSION i = 0; i < got; i++) {
-            JDIMENSION row = at + i;
-            if (row >= r0 && row < r1)
-                memcpy(dst + (size_t)(row - r0) * row_bytes, buffer[i] + src_offset, row_bytes);
-        }
+        if (at >= r0 && !into_result)
+            for (JDIMENSION i = 0; i < got; i++)
+                memcpy(dst + (size_t)(at - r0 + i) * row_bytes, scratch[i] + src_offset, row_bytes);
     }
     jpeg_abort_decompress(&cinfo); /* rows below the box are never decoded */
     jpeg_destroy_decompress(&cinfo);
