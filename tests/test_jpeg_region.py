@@ -6,6 +6,7 @@ region decoder links the system libjpeg-turbo (2.1.5 on Debian 12).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import subprocess
@@ -114,6 +115,24 @@ def test_rgb_box_equals_whole_decode_cropped(tmp_path, variant):
             got = decode_jpeg_region(data, "RGB", box)
             assert got.dtype == np.uint8 and got.shape == (box[2], box[3], 3), box
             assert np.array_equal(got, crop(whole, box)), f"{variant} {h}x{w} box {box}"
+
+
+@pytest.mark.parametrize("sampling", ["TJSAMP_440", "TJSAMP_411"])
+def test_samplings_pillow_cannot_write(sampling):
+    """4:4:0 (vertical chroma upsampling only) and 4:1:1 (four columns per chroma sample), written by TurboJPEG."""
+    turbojpeg = pytest.importorskip("turbojpeg", reason="PyTurboJPEG (the test extra) writes 4:4:0 and 4:1:1 files")
+    try:
+        tj = turbojpeg.TurboJPEG()
+    except Exception as exc:  # the package without the system libturbojpeg
+        pytest.skip(f"PyTurboJPEG cannot load libturbojpeg: {exc}")
+    for i, (h, w) in enumerate(SIZES[:3]):
+        data = tj.encode(photo(h, w, seed=i), quality=85, pixel_format=turbojpeg.TJPF_RGB,
+                         jpeg_subsample=getattr(turbojpeg, sampling))
+        whole = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        with Image.open(io.BytesIO(data)) as img:
+            assert np.array_equal(whole, np.asarray(img.convert("RGB")))
+        for box in boxes(h, w, seed=i):
+            assert np.array_equal(decode_jpeg_region(data, "RGB", box), crop(whole, box)), f"{sampling} box {box}"
 
 
 @pytest.mark.parametrize("variant", ["420-q75", "444-q95", "420-progressive"])
