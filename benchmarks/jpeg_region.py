@@ -10,7 +10,7 @@ boxes), next to simplejpeg's whole decode at 1/2. CPU time of this process per d
 
     pip install -e ".[bench]"                               # scikit-image, for the photographs
     taskset -c 1 python benchmarks/jpeg_region.py           # one core; about 30 s
-    taskset -c 1 python benchmarks/jpeg_region.py --reps 3  # quicker
+    taskset -c 1 python benchmarks/jpeg_region.py --quick   # smoke run, a few seconds, same output
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="repetitions; each case's median is reported")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds of decoding per case and repetition")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions of 0.02 s")
     args = parser.parse_args()
+    if args.quick:
+        args.reps, args.min_time = 2, 0.02
     if not region_decoder_available():
         sys.exit("pixelz_dist.data._jpeg_region is not built: reinstall with gcc and libjpeg62-turbo-dev")
     affinity = sorted(os.sched_getaffinity(0))
