@@ -356,3 +356,17 @@ def test_dataset_errors_and_skipping_are_unchanged_by_the_cache(tmp_path):
         torch.manual_seed(0)
         skipped_cached = MultiImgsDataset(dirs, t, on_error="skip", cache_dir=tmp_path / "c", **kw)[2]
         assert all(torch.equal(a, b) for a, b in zip(_tensors(skipped_plain), _tensors(skipped_cached)))
+
+
+def test_the_exif_flag_is_part_of_the_key(tmp_path):
+    path = str(tmp_path / "rotated.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    pixels("RGB").save(path, exif=exif)
+    cache = PixelCache(tmp_path / "cache")
+    for _ in range(2):
+        for flag in (True, False):
+            want = fast_img_loader(path, "RGB", as_tensor=True, exif=flag)
+            assert torch.equal(cache.load(path, "RGB", as_tensor=True, exif=flag), want)
+    assert cache.image_size(path, "RGB", exif=True) == (W, H)
+    assert cache.image_size(path, "RGB", exif=False) == (H, W)

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import struct
-from typing import Any
 
 import numpy as np
 import torch
@@ -180,7 +179,14 @@ class PixelCache:
             pixels = self._read_pixels(*found, rows)
             if pixels is not None:
                 return _tensor(pixels) if as_tensor else _pil(pixels, found[1])
-        pixels, _ = self._decode_and_store(path, mode, exif, as_tensor)
+        key = self._source_key(path)  # before reading: an edit during the read makes the entry stale, never wrong
+        data = images.read_image_file(path)
+        images.jpeg_backend()
+        if key is None or not is_lossless(data):
+            pixels = images.decode_image(data, path, mode, as_tensor=as_tensor, exif=exif)
+        else:
+            img, arr, _ = self._decode_and_store(path, mode, exif, key, data)
+            pixels = _tensor(arr) if as_tensor else img
         return pixels if rows is None else pixels[:, slice(*rows)]
 
     def fill(self, path: str | os.PathLike[str], mode: str, *, exif: bool = True) -> str:
@@ -198,9 +204,12 @@ class PixelCache:
         if found is not None:
             os.close(found[0])
             return "current"
-        if not self._decode_and_store(path, mode, exif, True)[1]:
-            return "not lossless"
-        return "stored" if self._open_entry_ok(path, mode, exif) else "not stored"
+        key = self._source_key(path)
+        data = images.read_image_file(path)
+        if key is None or not is_lossless(data):
+            return "not lossless"  # not decoded either: a JPEG is checked when training reads it, as always
+        images.jpeg_backend()
+        return "stored" if self._decode_and_store(path, mode, exif, key, data)[2] else "not stored"
 
     # -- reading ------------------------------------------------------------------------------------------------------
     def _source_key(self, path: str | os.PathLike[str]) -> tuple[int, int] | None:
@@ -230,12 +239,6 @@ class PixelCache:
             logger.debug("pixel cache entry for %r unreadable (%s: %s)", os.fspath(path), type(exc).__name__, exc)
         os.close(fd)
         return None
-
-    def _open_entry_ok(self, path, mode: str, exif: bool) -> bool:
-        found = self._open_entry(path, mode, exif)
-        if found is not None:
-            os.close(found[0])
-        return found is not None
 
     @staticmethod
     def _header(fd: int) -> tuple[dict, int] | None:
@@ -276,20 +279,15 @@ class PixelCache:
             os.close(fd)
 
     # -- writing ------------------------------------------------------------------------------------------------------
-    def _decode_and_store(self, path, mode: str, exif: bool, as_tensor: bool) -> tuple[Any, bool]:
-        """``(fast_img_loader's result, whether the file is lossless)``; a lossless one is stored on the way."""
-        key = self._source_key(path)  # before reading: an edit during the read makes the entry stale, never wrong
-        data = images.read_image_file(path)
-        images.jpeg_backend()
-        if key is None or not is_lossless(data):
-            return images.decode_image(data, path, mode, as_tensor=as_tensor, exif=exif), False
+    def _decode_and_store(self, path, mode: str, exif: bool, key: tuple[int, int], data: bytes
+                          ) -> tuple[Image.Image, np.ndarray, bool]:
+        """fast_img_loader's PIL image of a lossless file, its array, and whether the entry was written."""
         img = images.decode_image(data, path, mode, as_tensor=False, exif=exif)
         arr = np.array(img)  # what torchvision's pil_to_tensor makes its tensor from
-        if self.root not in _unwritable:
-            self._store(path, mode, exif, key, img, arr)
-        return (_tensor(arr) if as_tensor else img), True
+        stored = self.root not in _unwritable and self._store(path, mode, exif, key, img, arr)
+        return img, arr, stored
 
-    def _store(self, path, mode: str, exif: bool, key: tuple[int, int], img: Image.Image, arr: np.ndarray) -> None:
+    def _store(self, path, mode: str, exif: bool, key: tuple[int, int], img: Image.Image, arr: np.ndarray) -> bool:
         meta = {"path": os.path.abspath(os.fspath(path)), "size": key[0], "mtime_ns": key[1], "mode": mode,
                 "exif": exif, "pil_mode": img.mode, "shape": [arr.shape[0], arr.shape[1], arr[0, 0].size],
                 "channels_axis": arr.ndim == 3, "dtype": arr.dtype.str, "palette": None, "palette_mode": None}
@@ -307,9 +305,11 @@ class PixelCache:
             with atomic_write(entry, durable=False) as f:
                 f.write(prefix)
                 f.write(np.ascontiguousarray(arr).data)
+            return True
         except OSError as exc:
             _unwritable[self.root] = f"{type(exc).__name__}: {exc.strerror or exc}"
             logger.warning(
                 "pixel cache %r cannot be written (%s); training goes on without storing images there (entries "
                 "already in it are still read). HINT: free space or fix the folder's permissions, or pick another "
                 "--cache-dir", self.root, _unwritable[self.root])
+            return False
