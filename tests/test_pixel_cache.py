@@ -62,6 +62,9 @@ def same(got, expected) -> None:
         assert np.array_equal(np.array(got), np.array(expected))
         if expected.mode in ("P", "PA"):
             assert got.getpalette() == expected.getpalette()
+        assert got.info.get("transparency") == expected.info.get("transparency")
+        if expected.mode in ("P", "L", "RGB", "LA", "RGBA"):  # what the palette and transparency turn into
+            assert np.array_equal(np.array(got.convert("RGBA")), np.array(expected.convert("RGBA")))
 
 
 def only_cache(monkeypatch) -> None:
@@ -85,6 +88,24 @@ def test_miss_then_hit_is_bit_identical_to_fast_img_loader(tmp_path, monkeypatch
     only_cache(monkeypatch)
     for (mode, as_tensor), want in expected.items():
         same(cache.load(path, mode, as_tensor=as_tensor), want)
+
+
+@pytest.mark.parametrize("mode,transparency", [("P", 3), ("P", b"\x00\x80\xff\x10"), ("RGB", (1, 2, 3)),
+                                               ("L", 7)])
+def test_transparency_survives_the_cache(tmp_path, monkeypatch, mode, transparency):
+    path = str(tmp_path / "t.png")
+    img = pixels(mode)
+    if isinstance(transparency, bytes):
+        img.info["transparency"] = transparency
+        img.save(path)
+    else:
+        img.save(path, transparency=transparency)
+    expected = fast_img_loader(path, "unchanged")
+    assert expected.info.get("transparency") == transparency
+    cache = PixelCache(tmp_path / "cache")
+    same(cache.load(path, "unchanged", as_tensor=False), expected)
+    only_cache(monkeypatch)
+    same(cache.load(path, "unchanged", as_tensor=False), expected)
 
 
 def test_rows_are_the_slice_of_the_whole_and_read_alone(tmp_path, monkeypatch):
@@ -196,9 +217,10 @@ def test_bad_files_fail_exactly_as_without_cache_and_are_not_stored(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "other-path", "empty"])
 def test_a_torn_or_foreign_entry_is_a_miss_and_rewritten(tmp_path, damage):
-    path, other = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    path, other = str(tmp_path / "a.bmp"), str(tmp_path / "b.bmp")
     pixels("RGB", seed=1).save(path)
     pixels("RGB", seed=2).save(other)
+    os.utime(other, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns))  # same size and time: only the path
     cache = PixelCache(tmp_path / "cache")
     cache.load(path, "RGB", as_tensor=True)
     cache.load(other, "RGB", as_tensor=True)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import struct
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,9 +98,25 @@ def _pil(arr: np.ndarray, meta: dict) -> Image.Image:
         img = Image.frombytes(mode, (w, h), arr.tobytes())
     if meta.get("palette") is not None:
         img.putpalette(bytes.fromhex(meta["palette"]), meta["palette_mode"])
-    if meta.get("transparency") is not None:
-        img.info["transparency"] = meta["transparency"]
+    transparency = _transparency_from_json(meta.get("transparency"))
+    if transparency is not None:
+        img.info["transparency"] = transparency  # what convert("RGBA") reads: part of the decode, kept with it
     return img
+
+
+def _transparency_to_json(value: Any) -> Any:
+    # Pillow's forms: an int (P, L), a tuple of ints (RGB) or bytes (per palette entry).
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, tuple):
+        return {"tuple": list(value)}
+    return value if isinstance(value, int) else None
+
+
+def _transparency_from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return bytes.fromhex(value["bytes"]) if "bytes" in value else tuple(value["tuple"])
+    return value
 
 
 def _row_range(rows: tuple[int, int], height: int) -> tuple[int, int]:
@@ -294,8 +311,7 @@ class PixelCache:
         if img.mode in ("P", "PA") and img.palette is not None:
             meta["palette_mode"] = img.palette.mode
             meta["palette"] = img.palette.tobytes().hex()
-        if isinstance(img.info.get("transparency"), int):
-            meta["transparency"] = img.info["transparency"]
+        meta["transparency"] = _transparency_to_json(img.info.get("transparency"))
         header = json.dumps(meta, separators=(",", ":")).encode("utf-8", "surrogateescape")
         prefix = _PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header)) + header
         prefix += b" " * (-len(prefix) % _ALIGN)
