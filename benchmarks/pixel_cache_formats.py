@@ -14,7 +14,8 @@ bytes would win. Pin the core yourself::
     taskset -c 1 python benchmarks/pixel_cache_formats.py            # about a minute
     taskset -c 1 python benchmarks/pixel_cache_formats.py --quick    # smoke run, a few seconds
 
-One JSON object per line: settings and versions first, then one line per (image, format) with median ms.
+One JSON object per line: settings and versions first, then one line per (image, format) with median ms, then ms
+per seed-like sample (the three images, a joint 512 crop) through MultiImgsDataset with and without the cache.
 """
 
 from __future__ import annotations
@@ -165,6 +166,33 @@ def main(argv=None) -> None:
                        "band50_ms": round(median_ms(part, reps), 3) if part else None,
                        "bytes": nbytes, "bytes_per_mp": round(nbytes / mp)}
                 print(json.dumps(out), flush=True)
+        sample_rate(files, tmp, reps)
+
+
+def sample_rate(files: dict[str, str], tmp: str, reps: int) -> None:
+    """ms per seed-like sample (RGB JPEG + hint + mask, joint RandomResizedCrop(512) + flip + float) through
+    MultiImgsDataset, without and with the cache, whole decodes (crop_decode="off") and crop-aware ("exact")."""
+    from torchvision.transforms import v2
+
+    from pixelz_dist.data import MultiImgsDataset
+
+    dirs = [os.path.join(tmp, "seed", d) for d in ("rgb", "hint", "mask")]
+    for d in dirs:
+        os.makedirs(d)
+    with Image.open(files["photo_RGB"]) as img:
+        img.save(os.path.join(dirs[0], "0.jpg"), quality=92)
+    os.link(files["hint_L"], os.path.join(dirs[1], "0.png"))
+    os.link(files["mask_L"], os.path.join(dirs[2], "0.png"))
+    t = v2.Compose([v2.RandomResizedCrop(512, scale=(0.25, 1.0)), v2.RandomHorizontalFlip(),
+                    v2.ToDtype(torch.float32, scale=True)])
+    kw = dict(modes=["RGB", "L", "L"], kinds=["image", "image", "mask"])
+    for crop_decode in ("off", "exact"):
+        for cache in (None, os.path.join(tmp, "seed_cache")):
+            ds = MultiImgsDataset(dirs, t, crop_decode=crop_decode, cache_dir=cache, **kw)
+            torch.manual_seed(0)
+            out = {"sample": "seed-like", "crop_decode": crop_decode, "cache": cache is not None,
+                   "ms_per_sample": round(median_ms(lambda ds=ds: ds[0], reps * 3), 3)}
+            print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
