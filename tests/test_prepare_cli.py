@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from test_pixel_cache import _folders
 from pixelz_dist.cli.prepare import main
 from pixelz_dist.data.images import fast_img_loader
 from pixelz_dist.data.pixel_cache import PixelCache
+from pixelz_dist.errors import PixelzError
 
 MODES = ["RGB", "L", "unchanged"]
 
@@ -83,3 +85,16 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--data", dirs[0]])  # no --cache-dir: argparse's usage error
     assert info.value.code == 2
+
+
+def _killed(job):
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    from pixelz_dist.cli import prepare as prepare_module
+
+    dirs = _folders(tmp_path)
+    monkeypatch.setattr(prepare_module, "_fill_one", _killed)  # the forked workers inherit it
+    with pytest.raises(PixelzError, match="a worker process died"):
+        prepare_module.prepare_cache(dirs[1:], str(tmp_path / "cache"), workers=2, progress=False)

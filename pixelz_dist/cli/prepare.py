@@ -13,6 +13,9 @@ import logging
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DataError, PixelzError
@@ -66,6 +69,29 @@ def _fill_one(job: tuple[str, str, str]) -> tuple[str, str, str | None]:
         return path, "failed", str(exc)
     except Exception as exc:  # a bug or an odd file must not stop the run: report it with the others
         return path, "failed", f"{type(exc).__name__}: {exc}"
+
+
+def _fill_chunk(jobs: list[tuple[str, str, str]]) -> list[tuple[str, str, str | None]]:
+    return [_fill_one(job) for job in jobs]
+
+
+def _run(jobs: list[tuple[str, str, str]], workers: int) -> Iterator[tuple[str, str, str | None]]:
+    """Each job's result as it completes: in this process with one worker, else in a pool of processes."""
+    if workers == 1 or len(jobs) < 2:
+        yield from map(_fill_one, jobs)
+        return
+    workers = min(workers, len(jobs))
+    size = max(1, min(16, len(jobs) // (4 * workers)))  # a few chunks per worker keeps them all busy to the end
+    # fork on Linux: the workers start at once, with everything already imported (no threads are running yet).
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_fill_chunk, jobs[i : i + size]) for i in range(0, len(jobs), size)]
+            for future in as_completed(futures):
+                yield from future.result()
+    except BrokenProcessPool as exc:  # a worker was killed (out of memory?): say so rather than hang or trace back
+        raise PixelzError(f"a worker process died ({exc}); the entries written so far are complete and kept. HINT: "
+                          "run the command again (with fewer --workers if memory ran out)") from exc
 
 
 def _jobs(dirs: list[str], root: str, modes: list[str] | None) -> list[tuple[str, str, str]]:
@@ -132,12 +158,8 @@ def prepare_cache(dirs: list[str], cache_dir: str, modes: list[str] | None = Non
 
         bar = TerminalBar(len(jobs), desc="prepare", unit="file")
     counters = {"stored": "stored", "current": "current", "not lossless": "not_lossless"}
-    pool = None
-    if workers > 1 and len(jobs) > 1:  # fork on Linux: workers start at once, with the modules already imported
-        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(min(workers, len(jobs)))
     try:
-        results = pool.imap_unordered(_fill_one, jobs, chunksize=4) if pool else map(_fill_one, jobs)
-        for path, outcome, why in results:
+        for path, outcome, why in _run(jobs, workers):
             if outcome in counters:
                 setattr(summary, counters[outcome], getattr(summary, counters[outcome]) + 1)
             else:
@@ -145,9 +167,6 @@ def prepare_cache(dirs: list[str], cache_dir: str, modes: list[str] | None = Non
             if bar is not None:
                 bar.update()
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         if bar is not None:
             bar.close()
     summary.failed.sort()
