@@ -46,7 +46,9 @@ class PrepareSummary:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pixelz_dist.prepare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pixelz_dist.prepare", description="Fill a pixel cache ahead of "
+                                "training: every lossless image of the --data folders, decoded once, in parallel. "
+                                "Exit 0 when done, 2 on bad options or folders, or files that failed (named).")
     p.add_argument("--data", nargs="+", required=True, metavar="DIR",
                    help="the training --data folders (one per image of a sample)")
     p.add_argument("--cache-dir", required=True, metavar="CACHE", help="the cache folder training gets as --cache-dir")
