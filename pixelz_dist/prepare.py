@@ -1,0 +1,22 @@
+"""``python -m pixelz_dist.prepare`` (also ``pixelz-prepare``): fill a pixel cache before training. Thin on purpose.
+
+Example::
+
+    python -m pixelz_dist.prepare --data data/rgb data/hint data/mask --modes RGB L L --cache-dir /scratch/pixels
+    python -m pixelz_dist.train --data data/rgb data/hint data/mask --modes RGB L L --cache-dir /scratch/pixels ...
+
+The lossless images (PNG, TIFF, BMP, ...) are decoded once, in parallel (``--workers``, default: the CPUs this
+process may use), and stored as training will read them; JPEGs are left alone. A second run stores only new or edited
+files. Exit codes: 0 done, 2 a usage error, bad folders, or files that could not be cached (named; the others are).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .cli.prepare import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
