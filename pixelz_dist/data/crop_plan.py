@@ -88,6 +88,8 @@ class CropPlanner:
         self.head: Any = steps[k] if self.supported else None
         rest = list(steps[k + 1 :])
         self.rest: Callable[..., Any] | None = (rest[0] if len(rest) == 1 else v2.Compose(rest)) if rest else None
+        # Flips and per-pixel steps after the crop run step by step (see _run_simple); anything else through v2.
+        self._simple_rest = rest if all(type(t) in _FLIPS + _POINTWISE for t in rest) else None
         self.scaling = scaling
 
     def plan(self, height: int, width: int) -> CropPlan:
@@ -145,16 +147,8 @@ class CropPlanner:
 
         ``scaled[i]``: box ``i`` was decoded at ``1/plan.scale`` and is resized to the head's output size instead.
         """
-        boxes = list(boxes)
         decisions = iter(plan.flips)
-        for step in self.lead:  # flips and per-pixel steps, in the transform's order, on the box
-            if type(step) in _FLIPS:
-                if next(decisions):
-                    flip = F.horizontal_flip if type(step) is v2.RandomHorizontalFlip else F.vertical_flip
-                    boxes = [flip(x) for x in boxes]
-            else:
-                out = step(*boxes)
-                boxes = [out] if len(boxes) == 1 else list(out)
+        boxes = _run_simple(self.lead, list(boxes), lambda step: next(decisions))
         out = []
         for i, x in enumerate(boxes):
             if scaled is not None and scaled[i]:
@@ -163,9 +157,27 @@ class CropPlanner:
             elif plan.head_params is not None:
                 x = self.head.transform(x, plan.head_params)
             out.append(x)
-        if self.rest is None:
-            return out[0] if len(out) == 1 else tuple(out)
-        return self.rest(*out)
+        if self._simple_rest is not None:
+            out = _run_simple(self._simple_rest, out, lambda step: not bool(torch.rand(1) >= step.p))
+        elif self.rest is not None:
+            return self.rest(*out)
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def _run_simple(steps: Sequence[Any], xs: list[Any], applied: Callable[[Any], bool]) -> list[Any]:
+    """Flips and per-pixel steps on tv_tensors, exactly as their ``forward`` would run them, without its per-call cost.
+
+    ``forward`` flattens the inputs, asks which need the step and calls ``transform(x, params)`` on those; for these
+    steps ``params`` is empty, ``ToImage`` passes tv_tensors through and the others take every tv_tensor (and decide
+    inside ``transform``, e.g. ``ToDtype(torch.float32)`` leaves masks alone). A flip draws ``torch.rand(1)`` as
+    ``forward`` does; ``applied(step)`` makes (or replays) that draw.
+    """
+    for step in steps:
+        kind = type(step)
+        if kind is v2.ToImage or (kind in _FLIPS and not applied(step)):
+            continue
+        xs = [step.transform(x, {}) for x in xs]
+    return xs
 
 
 def _dct_scale(box: Box, out_size: tuple[int, int]) -> int:
