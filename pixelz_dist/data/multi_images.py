@@ -175,6 +175,14 @@ class MultiImgsDataset(Dataset):
         on_error: ``"raise"`` (default): a file that cannot be decoded raises a ``DataError`` naming the file and the
             folder. ``"skip"``: log it once and return the next sample (wrapping around) whose files all decode, so
             the substitute is deterministic; ``DataError`` only if no sample decodes.
+        cache_dir: A folder for the pixel cache (:mod:`~pixelz_dist.data.pixel_cache`): lossless images (PNG, TIFF,
+            BMP, ...) are decoded once and read back by rows, bit-identical; fill it ahead with
+            ``python -m pixelz_dist.prepare``. Default loader only.
+        crop_decode: With a joint transform that starts with a crop or resize (after flips / per-pixel steps, see
+            :mod:`~pixelz_dist.data.crop_plan`): ``"exact"`` (default) draws the crop from the file header's size
+            and decodes only the crop's JPEG rows and columns, bit-identical to decoding the whole image;
+            ``"scaled"`` also decodes a JPEG at 1/2, 1/4 or 1/8 in libjpeg's DCT domain when the crop is at least
+            that many times the output (faster, not bit-identical); ``"off"`` decodes whole images.
 
     Attributes:
         dirs: The folders, as strings.
