@@ -138,6 +138,19 @@ def test_model_and_data_from_factories_and_folders(demo_root):
     assert model(rgb[None], hint[None], mask[None]).ndim == 0
 
 
+def test_cache_dir_reaches_the_dataset_and_needs_data(demo_root, tmp_path, capsys):
+    dirs = [os.path.join(demo_root, d) for d in ("rgb", "hint", "mask")]
+    cache = str(tmp_path / "cache")
+    o = cli.parse("train", ["--model", "pixelz_dist.cli.demo:TinySegNet", "--data", *dirs, "--modes", "RGB", "L", "L",
+                            "--cache-dir", cache, "--iters", "1"])
+    _, dataset = build_dataset_and_model(o)
+    first = [torch.clone(x) for x in dataset[0]]
+    hint = dataset.files[1][0]
+    assert dataset.cache.image_size(hint, "L") is not None  # the demo's PNG hint is now in the cache
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[0]))
+    assert "--cache-dir needs --data" in usage_error(capsys, ["--demo", "--cache-dir", cache])
+
+
 @pytest.mark.parametrize("spec, expected", [
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
     ("pixelz_dist.cli.demo:TinySegNt", "has no attribute 'TinySegNt'; did you mean 'TinySegNet'?"),

@@ -325,7 +325,7 @@ def _finish(command: str, v: dict) -> None:
         raise ConfigError("no model: pass --model package.module:factory (or --demo)")
     if not v["demo"] and not v["data"] and not v["dataset"]:
         raise ConfigError("no data: pass --data DIR [DIR ...] or --dataset package.module:factory (or --demo)")
-    for key, needs in (("modes", "data"), ("model_arg", "model"), ("dataset_arg", "dataset")):
+    for key, needs in (("modes", "data"), ("cache_dir", "data"), ("model_arg", "model"), ("dataset_arg", "dataset")):
         if v[key] and not v[needs]:
             raise ConfigError(f"--{key.replace('_', '-')} needs --{needs}")
     if v["on_bad_file"] != "raise" and not v["data"]:
