@@ -285,3 +285,32 @@ def test_sigkill_then_resume_is_bitwise_identical_with_crop_decode_and_cache(tmp
     assert resumed.returncode == 0, resumed.stderr
     assert_same_training_state(final_snapshot(str(tmp_path / "straight" / "snap"))[1], final_snapshot(prefix)[1])
     assert os.listdir(tmp_path / "cache"), "the lossless images were meant to be cached"
+
+
+def test_a_region_decoder_that_disagrees_is_switched_off(tmp_path, monkeypatch, caplog):
+    """Built against a libjpeg that rounds differently, the region decoder must not be used: whole decodes, same samples."""
+    if not jpeg_region_module.region_decoder_available():
+        pytest.skip("the region decoder is not built")
+    dirs = write_sample_folders(tmp_path)
+    real = jpeg_region_module._jpeg_region.decode_region
+
+    def off_by_one(*args):
+        buf, h, w, c = real(*args)
+        buf[len(buf) // 2] ^= 1
+        return buf, h, w, c
+
+    monkeypatch.setattr(jpeg_region_module, "_agrees", None)
+    monkeypatch.setattr(jpeg_region_module._jpeg_region, "decode_region", off_by_one)
+    transform = TRANSFORMS["rrc+flip+float"]
+    with caplog.at_level("WARNING", logger="pixelz_dist"):
+        ds = MultiImgsDataset(dirs, transform(), modes=MODES, kinds=KINDS)
+    assert not ds._regions and ds._planner is not None
+    assert "JPEG region decoding switched off" in caplog.text
+    spy = RegionSpy(monkeypatch)
+    whole = MultiImgsDataset(dirs, transform(), modes=MODES, kinds=KINDS, crop_decode="off")
+    (a, _), (b, _) = epoch(ds), epoch(whole)
+    assert spy.calls == 0
+    assert all(torch.equal(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb))
+    monkeypatch.setattr(jpeg_region_module, "_agrees", None)
+    monkeypatch.setattr(jpeg_region_module._jpeg_region, "decode_region", real)
+    assert jpeg_region_module.region_decoder_agrees()

@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-__all__ = ["decode_jpeg_region", "region_decoder_available"]
+__all__ = ["decode_jpeg_region", "region_decoder_agrees", "region_decoder_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +70,47 @@ def decode_jpeg_region(
         data, fmt, top, left, height, width, scale_denom, _MARGIN_IMCUS
     )
     return np.frombuffer(buf, dtype=np.uint8).reshape(out_h, out_w, channels)
+
+
+_agrees: bool | None = None
+
+
+def region_decoder_agrees() -> bool:
+    """Whether the region decoder is built and gives, on this machine, the pixels of the whole-image decoder.
+
+    Both are libjpeg-turbo here, but the region decoder links the system's libjpeg while simplejpeg brings its own; a
+    build against another libjpeg could round differently. So once per process a small photo-like JPEG (4:2:0, odd
+    size) is decoded both ways; on any difference region decoding is switched off with one warning, and images are
+    decoded whole: slower, never different.
+    """
+    global _agrees
+    if _agrees is None:
+        _agrees = _jpeg_region is not None and _self_check()
+    return _agrees
+
+
+def _self_check() -> bool:
+    import io
+
+    from PIL import Image
+
+    from . import images
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:45, 0:61]
+    pixels = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1) + rng.integers(0, 40, (45, 61, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=85, subsampling=2)
+    data = buf.getvalue()
+    try:
+        whole = images.decode_image(data, "<region decoder self-check>", "RGB", as_tensor=True).permute(1, 2, 0)
+        boxes = [(0, 0, 45, 61), (7, 9, 20, 31), (17, 33, 28, 28), (44, 60, 1, 1)]
+        same = all(np.array_equal(decode_jpeg_region(data, "RGB", b), whole[b[0]:b[0] + b[2], b[1]:b[1] + b[3]].numpy())
+                   for b in boxes)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
+        logger.warning("JPEG region decoding switched off: its self-check failed (%s: %s)", type(exc).__name__, exc)
+        return False
+    if not same:
+        logger.warning("JPEG region decoding switched off: the system libjpeg decodes a test image differently from "
+                       "%s; images are decoded whole (exact, slower)", images.jpeg_backend())
+    return same

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from .crop_plan import Box, CropPlanner
 from .images import check_mode, fast_img_loader, jpeg_backend
-from .jpeg_region import region_decoder_available
+from .jpeg_region import region_decoder_agrees
 from .pixel_cache import PixelCache
 from .region_sources import open_source
 
@@ -243,7 +243,7 @@ class MultiImgsDataset(Dataset):
         if self.joint_transform is not None and loader is None and crop_decode != "off":
             planner = CropPlanner(self.joint_transform, scaling=crop_decode == "scaled")
             self._planner = planner if planner.supported else None
-        self._regions = self._planner is not None and region_decoder_available()
+        self._regions = self._planner is not None and region_decoder_agrees()
 
         names = [_scan(d) for d in self.dirs]
         if match == "stem":
