@@ -288,7 +288,7 @@ def test_sigkill_then_resume_is_bitwise_identical_with_crop_decode_and_cache(tmp
 
 
 def test_a_region_decoder_that_disagrees_is_switched_off(tmp_path, monkeypatch, caplog):
-    """Built against a libjpeg that rounds differently, the region decoder must not be used: whole decodes, same samples."""
+    """Built against a libjpeg that rounds differently, the region decoder is not used: whole decodes, same samples."""
     if not jpeg_region_module.region_decoder_available():
         pytest.skip("the region decoder is not built")
     dirs = write_sample_folders(tmp_path)
