@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -96,10 +97,12 @@ class Cluster:
         return {int(p) for p in out.split()}
 
     def daemons(self) -> set[int]:
+        """slurmctld, the slurmds and their helpers (slurmscriptd)."""
         pids = set()
         for name in os.listdir(self.folder):
             if name.endswith(".pid"):
-                pids.add(int(open(os.path.join(self.folder, name)).read()))
+                pid = int(open(os.path.join(self.folder, name)).read())
+                pids |= {pid, *(child.pid for child in psutil.Process(pid).children())}
         return pids
 
     def kill_node(self, node) -> int:
@@ -258,3 +261,73 @@ def test_find_lr_on_two_nodes_records_the_losses_of_one_node(cluster, tmp_path):
     one = np.load(tmp_path / "one" / "lr_finder" / "results.npz")
     np.testing.assert_array_equal(two["lrs"], one["lrs"])
     np.testing.assert_array_equal(two["losses"], one["losses"])
+
+
+# -- node loss ----------------------------------------------------------------------------------------------------
+def slow_run(tmp_path, *extra) -> list[str]:
+    """15 epochs of 2 iterations, a snapshot after each; the samples load slowly (delay 0.03 s) unless told."""
+    return [*SLOW, "--dataset-arg", f"root='{tmp_path / 'data'}'", "--epochs", "15", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """The uninterrupted run on one node (2 processes, no DataLoader workers: the result does not depend on them)."""
+    folder = tmp_path_factory.mktemp("reference")
+    one_node(*slow_run(folder, "--dataset-arg", "delay=0", "--workers", "0", "--snapshot-prefix", str(folder / "s")))
+    ref = final(str(folder / "s"))
+    assert ref["progress"]["iteration"] == 30
+    return ref
+
+
+def node_loss(cluster, procs, prefix) -> float:
+    """Wait for the first snapshot, then SIGKILL every process of node2; seconds until node1's torchrun ended."""
+    wait_for_snapshot(prefix, procs)
+    time.sleep(0.3)  # into the next iteration: mid-epoch
+    start = time.monotonic()
+    assert cluster.kill_node("node2") > 0
+    procs[0].wait(timeout=300)
+    elapsed = time.monotonic() - start
+    procs[1].wait(timeout=30)
+    return elapsed
+
+
+def test_node_loss_ends_the_other_node_in_seconds_and_a_rerun_resumes_exactly(cluster, tmp_path, reference):
+    """With DataLoader workers running: node1's trainer names the lost peer and exits at once (no hang in its
+    workers' join, no waiting for the 300 s collective timeout), and nothing of the job is left on node1."""
+    prefix = str(tmp_path / "s")
+    run = slow_run(tmp_path, "--dataset-arg", "delay=0.03", "--workers", "2", "--snapshot-prefix", prefix)
+    procs = two_nodes(cluster, tmp_path, "loss", *run, PIXELZ_DIST_TIMEOUT="300")
+    elapsed = node_loss(cluster, procs, prefix)
+    log = logs(tmp_path, "loss")
+    assert procs[0].returncode != 0, log
+    assert elapsed < 30, f"node1 took {elapsed:.1f} s to end after node2 was lost\n{log}"
+    assert "Connection reset by peer" in log or "Connection closed by peer" in log, log
+    assert "10.213.7.2" in log  # gloo names the lost peer's address
+    assert cluster.pids("node1") <= cluster.daemons()  # no trainer, DataLoader worker or agent left behind
+    stopped = list_snapshots(prefix)[0][0]
+    assert 1 <= stopped < 30
+
+    rerun = two_nodes(cluster, tmp_path, "rerun", *run, "--resume", "auto", JOB_ID="rerun")
+    assert wait_all(rerun) == [0, 0], logs(tmp_path, "rerun")
+    assert f"resumed from {prefix}_iter_{stopped}.pt" in logs(tmp_path, "rerun")
+    assert_equal_runs(final(prefix), reference)
+
+
+def test_elastic_restart_of_the_lost_node_resumes_exactly(cluster, tmp_path, reference):
+    """torchrun --max-restarts=1 on both nodes: node2 is lost, its agent started again (as a scheduler would on a
+    replacement node); node1's agent restarts its worker, both join the next rendezvous round and resume."""
+    prefix = str(tmp_path / "s")
+    run = slow_run(tmp_path, "--dataset-arg", "delay=0.03", "--workers", "1", "--snapshot-prefix", prefix,
+                   "--resume", "auto")
+    procs = two_nodes(cluster, tmp_path, "elastic", *run, MAX_RESTARTS="1")
+    wait_for_snapshot(prefix, procs)
+    time.sleep(0.3)
+    assert cluster.kill_node("node2") > 0
+    procs[1].wait(timeout=30)
+    again = cluster.popen("node2", "launch/torchrun_multi_node.sh", *run, log=tmp_path / "elastic_again.log",
+                          NNODES="2", HEAD_ADDR="node1", JOB_ID="elastic", NPROC="1", MAX_RESTARTS="1")
+    codes = [procs[0].wait(timeout=300), again.wait(timeout=300)]
+    log = logs(tmp_path, "elastic") + (tmp_path / "elastic_again.log").read_text()
+    assert codes == [0, 0], log
+    assert log.count("resumed from") == 1  # node1's rank 0, in the restarted group
+    assert_equal_runs(final(prefix), reference)
