@@ -87,9 +87,25 @@ class Cluster:
                                 env={**self.env, **env}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-    def run(self, node, *cmd, timeout=60) -> subprocess.CompletedProcess:
+    def run(self, node, *cmd, timeout=60, **env) -> subprocess.CompletedProcess:
         return subprocess.run([os.path.join(CLUSTER_TOOL, "on.sh"), self.folder, node, *cmd], cwd=REPO,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+                              env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
+
+    def job_state(self, job_id) -> tuple[str, int]:
+        line = self.run("node1", "scontrol", "-o", "show", "job", job_id).stdout
+        state = re.search(r"JobState=(\S+)", line)
+        code = re.search(r"ExitCode=(\d+):", line)
+        return (state.group(1) if state else "UNKNOWN"), int(code.group(1)) if code else -1
+
+    def wait_job(self, job_id, out, timeout=300) -> int:
+        """The job's exit code once it ended for good (after any requeued runs); polls, never a fixed sleep."""
+        deadline = time.time() + timeout
+        while True:
+            state, code = self.job_state(job_id)
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+                return code
+            assert time.time() < deadline, f"job {job_id} still {state}: " + (out.read_text() if out.exists() else "")
+            time.sleep(0.5)
 
     def pids(self, node) -> set[int]:
         out = subprocess.run(["ip", "netns", "pids", f"{self.prefix}-{node}"], capture_output=True, text=True,
@@ -330,4 +346,38 @@ def test_elastic_restart_of_the_lost_node_resumes_exactly(cluster, tmp_path, ref
     log = logs(tmp_path, "elastic") + (tmp_path / "elastic_again.log").read_text()
     assert codes == [0, 0], log
     assert log.count("resumed from") == 1  # node1's rank 0, in the restarted group
+    assert_equal_runs(final(prefix), reference)
+
+
+# -- SLURM across 2 nodes -----------------------------------------------------------------------------------------
+def test_sbatch_on_two_nodes_preempted_with_usr1_requeues_resumes_and_equals_one_node(cluster, tmp_path, reference):
+    """SLURM's warning as SLURM sends it (to the batch shell: scancel --signal=USR1 --batch) reaches the trainers on
+    both nodes through srun and torchrun; one snapshot; exit 75; the job requeues itself and resumes exactly."""
+    prefix = str(tmp_path / "s")
+    out = tmp_path / "job.out"
+    run = slow_run(tmp_path, "--dataset-arg", "delay=0.03", "--workers", "1", "--snapshot-prefix", prefix)
+    sub = cluster.run("node1", "sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", f"--output={out}",
+                      "launch/slurm_train.sbatch", *run, NPROC="1")
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    try:
+        deadline = time.time() + 120
+        while not list_snapshots(prefix):  # the first epoch's snapshot: training is under way on both nodes
+            assert cluster.job_state(job_id)[0] in ("PENDING", "RUNNING") and time.time() < deadline, (
+                out.read_text() if out.exists() else "")
+            time.sleep(0.2)
+        signalled = cluster.run("node1", "scancel", "--signal=USR1", "--batch", job_id)
+        assert signalled.returncode == 0, signalled.stderr
+        code = cluster.wait_job(job_id, out)
+    finally:
+        if cluster.job_state(job_id)[0] in ("PENDING", "RUNNING", "REQUEUED"):
+            cluster.run("node1", "scancel", job_id)
+    log = out.read_text()
+    assert code == 0, log
+    assert "on 2 node(s) x 1 process(es), rendezvous at node1:" in log and "2 processes" in log
+    assert "preemption warning (USR1)" in log and f"requeueing job {job_id}" in log and "(restart 1)" in log
+    assert log.count("closing signal SIGUSR1") == 2  # torchrun's agent on each node passed it to its trainer
+    assert log.count("SIGUSR1 received; snapshot at iteration") == 1  # one snapshot, written once for both ranks
+    stopped_at = int(re.search(r"SIGUSR1 received; snapshot at iteration (\d+)", log).group(1))
+    assert 1 <= stopped_at < 30 and f"resumed from {prefix}_iter_{stopped_at}.pt" in log
     assert_equal_runs(final(prefix), reference)
