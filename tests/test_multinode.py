@@ -319,6 +319,7 @@ def test_node_loss_ends_the_other_node_in_seconds_and_a_rerun_resumes_exactly(cl
     assert elapsed < 30, f"node1 took {elapsed:.1f} s to end after node2 was lost\n{log}"
     assert "Connection reset by peer" in log or "Connection closed by peer" in log, log
     assert "10.213.7.2" in log  # gloo names the lost peer's address
+    assert "another process of the job is gone" in log and "--resume auto" in log  # and what to do
     assert cluster.pids("node1") <= cluster.daemons()  # no trainer, DataLoader worker or agent left behind
     stopped = list_snapshots(prefix)[0][0]
     assert 1 <= stopped < 30
@@ -380,4 +381,34 @@ def test_sbatch_on_two_nodes_preempted_with_usr1_requeues_resumes_and_equals_one
     assert log.count("SIGUSR1 received; snapshot at iteration") == 1  # one snapshot, written once for both ranks
     stopped_at = int(re.search(r"SIGUSR1 received; snapshot at iteration (\d+)", log).group(1))
     assert 1 <= stopped_at < 30 and f"resumed from {prefix}_iter_{stopped_at}.pt" in log
+    assert_equal_runs(final(prefix), reference)
+
+
+# -- network partition (last: it cuts node2 off the cluster for a while) -------------------------------------------
+def test_a_partition_fails_within_the_collective_timeout_and_resumes_exactly_afterwards(cluster, tmp_path, reference):
+    """node2's link goes down, no process dies: node1's collective gives up after PIXELZ_DIST_TIMEOUT (5 s) and names
+    it. node2's trainer fails the same way, but its torchrun agent waits for the rendezvous store on node1 until the
+    link is back (then it exits). A rerun with --resume auto then ends exactly like the uninterrupted run."""
+    prefix = str(tmp_path / "s")
+    run = slow_run(tmp_path, "--dataset-arg", "delay=0.03", "--workers", "1", "--snapshot-prefix", prefix)
+    procs = two_nodes(cluster, tmp_path, "cut", *run, PIXELZ_DIST_TIMEOUT="5")
+    wait_for_snapshot(prefix, procs)
+    time.sleep(0.3)
+    start = time.monotonic()
+    cluster.link("node2", "down")
+    try:
+        procs[0].wait(timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        cluster.link("node2", "up")
+    procs[1].wait(timeout=120)  # node2's agent reaches node1 again: the store is gone, it exits
+    log = logs(tmp_path, "cut")
+    assert procs[0].returncode != 0 and procs[1].returncode != 0, log
+    assert 4 < elapsed < 30, f"node1 ended {elapsed:.1f} s after the link went down\n{log}"
+    assert "stopped answering for the collective timeout (5 s, PIXELZ_DIST_TIMEOUT)" in log, log
+    stopped = list_snapshots(prefix)[0][0]
+
+    rerun = two_nodes(cluster, tmp_path, "after", *run, "--resume", "auto", JOB_ID="after")
+    assert wait_all(rerun) == [0, 0], logs(tmp_path, "after")
+    assert f"resumed from {prefix}_iter_{stopped}.pt" in logs(tmp_path, "after")
     assert_equal_runs(final(prefix), reference)
