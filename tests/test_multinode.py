@@ -44,14 +44,19 @@ def _missing() -> str | None:
                 "slurm-client munge)")
     if os.geteuid() != 0:
         return "the local cluster needs root (network namespaces, mounts, munged and slurmd)"
-    mounted = os.path.ismount("/run/netns")
+    mounted = _netns_mounted()
     probe = subprocess.run(["ip", "netns", "add", f"pxc-probe-{os.getpid()}"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"cannot make a network namespace here: {probe.stderr.strip()}"
     subprocess.run(["ip", "netns", "delete", f"pxc-probe-{os.getpid()}"], check=True)
-    if not mounted and os.path.ismount("/run/netns") and not os.listdir("/run/netns"):
+    if not mounted and _netns_mounted() and not os.listdir("/run/netns"):
         subprocess.run(["umount", "/run/netns"], check=True)  # ip mounted it on itself for the probe: undo
     return None
+
+
+def _netns_mounted() -> bool:
+    """Whether /run/netns is a mount point (ip mounts it on itself: os.path.ismount cannot tell)."""
+    return any(line.split()[4] == "/run/netns" for line in open("/proc/self/mountinfo"))
 
 
 def _skip_or_fail():
@@ -251,6 +256,17 @@ def test_start_refuses_a_subnet_the_host_already_uses(tmp_path):
         subprocess.run([os.path.join(CLUSTER_TOOL, "stop.sh"), str(tmp_path / "c")], timeout=60)
     assert proc.returncode != 0 and "HINT: choose another SUBNET" in proc.stderr
     assert not os.path.exists(tmp_path / "c" / "cluster.env")
+
+
+def test_a_failed_start_stops_what_it_started(tmp_path):
+    _skip_or_fail()
+    env = clean_env(NS_PREFIX="pxc-tf", SUBNET="10.213.10", SLURMD_PORT="notaport")  # slurmctld refuses the config
+    proc = subprocess.run([os.path.join(CLUSTER_TOOL, "start.sh"), "2", str(tmp_path / "c")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "SlurmdPort" in proc.stderr
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("pxc-tf")] if os.path.isdir("/run/netns") else True
+    assert not os.path.exists(tmp_path / "c" / "cluster.env")
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path / "c")], capture_output=True).stdout
 
 
 # -- torchrun across nodes ----------------------------------------------------------------------------------------
