@@ -31,7 +31,7 @@ def snapshots(folder: str) -> list[str]:
     return [n for n in os.listdir(folder) if n.startswith("s_iter_")] if os.path.isdir(folder) else []
 
 
-def one_loss(cluster: str, prefix: str, work: str, workers: int, job: str) -> dict:
+def one_loss(cluster: str, prefix: str, subnet: str, work: str, workers: int, job: str) -> dict:
     env = {**os.environ, "NNODES": "2", "HEAD_ADDR": "node1", "JOB_ID": job, "NPROC": "1", "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1", "PIXELZ_DIST_TIMEOUT": "300", "PYTHONPATH": os.path.join(REPO, "tests", "jobs")}
     args = [*TRAIN, "--dataset-arg", f"root='{work}/data'", "--workers", str(workers), "--snapshot-prefix",
@@ -55,7 +55,7 @@ def one_loss(cluster: str, prefix: str, work: str, workers: int, job: str) -> di
     logs[0].seek(0)
     text = logs[0].read()
     return {"bench": "node_loss", "workers": workers, "seconds": round(seconds, 2), "exit_code": code,
-            "peer_named": "10.213.7.2" in text, "explained": "another process of the job is gone" in text,
+            "peer_named": f"{subnet}.2]" in text, "explained": "another process of the job is gone" in text,
             "killed": len(pids)}
 
 
@@ -69,14 +69,15 @@ def main() -> None:
         subprocess.run([f"{TOOL}/start.sh", "2", cluster], env={**os.environ, "SLURM": "0"}, check=True,
                        stdout=subprocess.DEVNULL)
         try:
-            prefix = open(f"{cluster}/cluster.env").read().split("NS_PREFIX=")[1].split()[0]
+            settings = dict(line.split("=", 1) for line in open(f"{cluster}/cluster.env").read().splitlines())
+            prefix, subnet = settings["NS_PREFIX"], settings["SUBNET"]
             info = {"torch": torch.__version__, "python": platform.python_version(),
                     "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine()}
             for repeat in range(opts.repeats):
                 for workers in opts.workers:  # interleaved, so that load on the machine hits both alike
                     work = f"{tmp}/w{workers}_r{repeat}"
                     os.makedirs(work)
-                    row = one_loss(cluster, prefix, work, workers, f"w{workers}r{repeat}")
+                    row = one_loss(cluster, prefix, subnet, work, workers, f"w{workers}r{repeat}")
                     print(json.dumps({**row, "repeat": repeat, **info}), flush=True)
         finally:
             subprocess.run([f"{TOOL}/stop.sh", cluster], check=False)

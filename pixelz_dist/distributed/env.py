@@ -197,7 +197,8 @@ def explain_collective_failure(error: BaseException, timeout_s: float) -> str | 
     if not isinstance(error, RuntimeError):  # gloo raises RuntimeError; torch's DistError types derive from it
         return None
     text = str(error)
-    resume = "start the job again with --resume auto: it continues from the newest complete snapshot"
+    resume = ("start the job again with --resume auto (load_snapshot_path='auto'): it continues from the newest "
+              "complete snapshot")
     if any(words in text for words in _PEER_GONE):
         return (f"another process of the job is gone (its connection closed: {_first_line(text)}): that process or "
                 f"its node died, so this one stops too. HINT: see the first failure in the other nodes' logs, then "
@@ -210,8 +211,10 @@ def explain_collective_failure(error: BaseException, timeout_s: float) -> str | 
 
 
 def _first_line(text: str) -> str:
+    """The backend's own words, without gloo's source-file prefix and its advice ("This is typically caused...")."""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    return line.split("] ", 1)[-1] if line.startswith("[/") else line  # gloo prefixes its source file
+    line = line.split("] ", 1)[-1] if line.startswith("[/") else line
+    return line.split(". ", 1)[0]
 
 
 def _destroy(together: bool) -> None:
