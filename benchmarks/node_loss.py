@@ -4,7 +4,8 @@ Each repeat trains the demo on node1 and node2 (launch/torchrun_multi_node.sh, 1
 at 300 s so that it cannot be what ends the run), waits for the first snapshot, SIGKILLs every process of node2 at
 once and measures until node1's torchrun has exited. One JSON line per measurement. Needs root (see start.sh)::
 
-    taskset -c 1 python benchmarks/node_loss.py --repeats 5          # about 15 s a repeat
+    taskset -c 1 python benchmarks/node_loss.py --repeats 5          # about 13 s a measurement
+    python benchmarks/node_loss.py --quick                           # one measurement
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers per trainer")
+    parser.add_argument("--quick", action="store_true", help="one repeat without DataLoader workers (smoke run)")
     opts = parser.parse_args()
+    if opts.quick:
+        opts.repeats, opts.workers = 1, [0]
     with tempfile.TemporaryDirectory() as tmp:
         cluster = f"{tmp}/cluster"
         subprocess.run([f"{TOOL}/start.sh", "2", cluster], env={**os.environ, "SLURM": "0"}, check=True,
