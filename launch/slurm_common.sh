@@ -11,6 +11,8 @@
 #   RDZV_PORT     the rendezvous port on the first node (default: 29500 + job id % 1000, so that two jobs sharing a
 #                 node do not collide)
 #   MAX_RESTARTS  torchrun's elastic restarts after a worker failure (default 0)
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  1 (default here): a fresh store per rendezvous round, so that a restarted
+#                 node's agent can join the others' next round (see launch/torchrun_multi_node.sh)
 #   REQUEUE       1 (default): requeue the job when it was preempted; 0: just exit with code 75
 
 # shellcheck source=launch/torchrun_signals.sh
@@ -21,6 +23,7 @@ pixelz_slurm_run() {
     shift
     local python="${PYTHON:-python}"
     pixelz_require_torch_signals "$python" || return 2
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
     local nproc="${NPROC:-${SLURM_GPUS_ON_NODE:-1}}"
     local head_node port
     head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"

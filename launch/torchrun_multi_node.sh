@@ -13,7 +13,13 @@
 #   NPROC      processes per node (default: the number of GPUs torch sees, at least 1)
 #   PYTHON     the Python that has pixelz_dist installed (default: python)
 #   MODULE     what to run (default: pixelz_dist.train; pixelz_dist.find_lr for the learning-rate finder)
-#   MAX_RESTARTS  torchrun's elastic restarts after a worker failure (default 0)
+#   MAX_RESTARTS  torchrun's elastic restarts after a worker failure (default 0). After a node loss, start this
+#              script again on the lost node (same variables): the other nodes' agents wait for it in the next
+#              rendezvous and every worker resumes from the newest snapshot (give the run --resume auto).
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  1 (default here): every rendezvous round gets a fresh store for the workers,
+#              on a free port of the first node (so every port there must be reachable from the others). With torch's
+#              default (0) a node whose agent was restarted never joined the others' restart: both agents waited 60 s
+#              for each other's keys and the job failed (tests/test_multinode.py, torch 2.14).
 # torchrun forwards SIGUSR1 and SIGUSR2 to the trainers too (torch >= 2.10), which snapshot and exit with code 75.
 set -euo pipefail
 
@@ -24,6 +30,7 @@ head_addr="${HEAD_ADDR:-${MASTER_ADDR:?set HEAD_ADDR, the address of the first n
 job_id="${JOB_ID:-${SLURM_JOB_ID:?set JOB_ID, an id shared by all nodes of this job}}"
 python="${PYTHON:-python}"
 pixelz_require_torch_signals "$python" || exit 2
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 nproc="${NPROC:-$("$python" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 exec "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc" \
     --rdzv_backend=c10d --rdzv_endpoint="$head_addr:${PORT:-29500}" --rdzv_id="$job_id" \

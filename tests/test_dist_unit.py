@@ -98,3 +98,24 @@ def test_timeout_from_argument_or_environment(monkeypatch):
     assert dist.timeout_seconds(None) == dist.DEFAULT_TIMEOUT_S == 600
     monkeypatch.setenv("PIXELZ_DIST_TIMEOUT", "42")
     assert dist.timeout_seconds(None) == 42 and dist.timeout_seconds(5) == 5
+
+
+@pytest.mark.parametrize("message,expected", [
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.213.7.2]:42167: Connection reset by "
+     "peer. This is typically caused by a remote worker hanging", "another process of the job is gone"),
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 5000ms for send "
+     "operation to complete", "stopped answering for the collective timeout (5 s, PIXELZ_DIST_TIMEOUT)"),
+    ("Application timeout caused pair closure", "stopped answering"),
+    ("DataLoader timed out after 3 seconds", None),
+    ("CUDA out of memory", None),
+])
+def test_a_collectives_failure_is_explained_with_what_to_do(message, expected):
+    """The words gloo used on the 2-node cluster (tests/test_multinode.py) for a lost node and a partition."""
+    why = dist.explain_collective_failure(RuntimeError(message), 5.0)
+    if expected is None:
+        assert why is None
+    else:
+        assert expected in why and "--resume auto" in why and "HINT:" in why
+        assert "pair.cc" not in why and "typically caused" not in why
+        assert "Read error [10.213.7.2]:42167: Connection reset by peer)" in why if "10.213.7.2" in message else True
+    assert dist.explain_collective_failure(ValueError(message), 5.0) is None

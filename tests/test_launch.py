@@ -20,7 +20,8 @@ from pixelz_dist.checkpoint.file_format import list_snapshots
 
 LAUNCH = os.path.join(os.path.dirname(TESTS), "launch")
 SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
-                 + glob.glob(os.path.join(LAUNCH, "local_slurm", "*.sh")))
+                 + glob.glob(os.path.join(LAUNCH, "local_slurm", "*.sh"))
+                 + glob.glob(os.path.join(LAUNCH, "local_cluster", "*.sh")))
 
 pytestmark = pytest.mark.slow  # every test starts a process: shellcheck, a launch script, torchrun
 

@@ -172,11 +172,49 @@ def process_group(backend: str | None = None, timeout_s: float | None = None):
     try:
         yield env
     except BaseException as e:
+        why = explain_collective_failure(e, timeout_seconds(timeout_s))
+        if why:
+            logger.error("rank %d: %s", env.rank, why)
         # A preemption or a Ctrl-C ends every rank together after the snapshot; any other error may have left a
         # peer that never reaches a barrier.
         _destroy(together=isinstance(e, (Preempted, Interrupted)))
         raise
     _destroy(together=True)
+
+
+# What gloo and NCCL say when a peer's process or node is gone (its sockets closed), and when it stopped answering
+# (a network partition, a hung or stopped process): the collective gives up after the group's timeout.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer")
+_NO_ANSWER = ("Timed out waiting", "timeout caused pair closure", "Watchdog caught collective operation timeout")
+
+
+def explain_collective_failure(error: BaseException, timeout_s: float) -> str | None:
+    """What a collective's failure means for the job and what to do, or None when ``error`` is not one.
+
+    The backends' own messages (``Read error [10.0.0.2]:41234: Connection reset by peer``) name the peer's address
+    but not the cause, and the traceback that carries them can be hundreds of lines from where a cluster user looks.
+    """
+    if not isinstance(error, RuntimeError):  # gloo raises RuntimeError; torch's DistError types derive from it
+        return None
+    text = str(error)
+    resume = ("start the job again with --resume auto (load_snapshot_path='auto'): it continues from the newest "
+              "complete snapshot")
+    if any(words in text for words in _PEER_GONE):
+        return (f"another process of the job is gone (its connection closed: {_first_line(text)}): that process or "
+                f"its node died, so this one stops too. HINT: see the first failure in the other nodes' logs, then "
+                f"{resume}")
+    if any(words in text for words in _NO_ANSWER):
+        return (f"another process stopped answering for the collective timeout ({timeout_s:g} s, "
+                f"PIXELZ_DIST_TIMEOUT): the network between the nodes is cut, or a process hangs or was stopped "
+                f"({_first_line(text)}). HINT: once the nodes reach each other again, {resume}")
+    return None
+
+
+def _first_line(text: str) -> str:
+    """The backend's own words, without gloo's source-file prefix and its advice ("This is typically caused...")."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.split("] ", 1)[-1] if line.startswith("[/") else line
+    return line.split(". ", 1)[0]
 
 
 def _destroy(together: bool) -> None:
