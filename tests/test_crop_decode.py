@@ -25,6 +25,15 @@ KINDS = ["image", "image", "mask"]
 MODES = ["RGB", "L", "L"]
 
 
+def region_decoder_built() -> bool:
+    """Whether the C region decoder is here; where CI builds it (PIXELZ_REQUIRE_JPEG_REGION=1) it must be."""
+    if jpeg_region_module.region_decoder_available():
+        return True
+    if os.environ.get("PIXELZ_REQUIRE_JPEG_REGION") == "1":
+        pytest.fail("PIXELZ_REQUIRE_JPEG_REGION=1 but pixelz_dist.data._jpeg_region is not built")
+    return False  # the samples must still be equal (whole decodes); only the region checks are left out
+
+
 def photo(h: int, w: int, seed: int, noise: float = 18) -> np.ndarray:
     """Gradients, texture and noise: what shows chroma-upsampling errors at crop edges, unlike flat colour."""
     rng = np.random.default_rng(seed)
@@ -141,7 +150,7 @@ def test_crop_aware_samples_equal_whole_decode_samples(tmp_path, monkeypatch, na
         for i, (sa, sb) in enumerate(zip(a, b)):
             for k, (x, y) in enumerate(zip(sa, sb)):
                 assert x.dtype == y.dtype and torch.equal(x, y), f"{name}: sample {i}, image {k}, seed {seed}"
-    if name.startswith(("rrc", "flips", "randomcrop")) and name != "randomcrop-padded":
+    if name.startswith(("rrc", "flips", "randomcrop")) and name != "randomcrop-padded" and region_decoder_built():
         assert spy.calls > 0, "the JPEGs were meant to be decoded by region"
         full = sum(h * w for h, w in SIZES) * 2 * 4  # two JPEG folders, four epochs
         assert spy.pixels < full
@@ -156,7 +165,7 @@ def test_colour_jpeg_decoded_as_grey_by_region(tmp_path, monkeypatch):
     b = MultiImgsDataset(dirs[:1], t, modes=["L"], crop_decode="off")
     for (sa,), (sb,) in zip(epoch(a)[0], epoch(b)[0]):
         assert sa.shape[0] == 1 and torch.equal(sa, sb)
-    assert spy.calls == len(SIZES)
+    assert spy.calls == (len(SIZES) if region_decoder_built() else 0)
 
 
 def test_same_batches_for_zero_one_and_two_workers(tmp_path):
@@ -289,8 +298,8 @@ def test_sigkill_then_resume_is_bitwise_identical_with_crop_decode_and_cache(tmp
 
 def test_a_region_decoder_that_disagrees_is_switched_off(tmp_path, monkeypatch, caplog):
     """Built against a libjpeg that rounds differently, the region decoder is not used: whole decodes, same samples."""
-    if not jpeg_region_module.region_decoder_available():
-        pytest.skip("the region decoder is not built")
+    if not region_decoder_built():
+        pytest.skip("the region decoder is not built (pip install with a C compiler and libjpeg's headers)")
     dirs = write_sample_folders(tmp_path)
     real = jpeg_region_module._jpeg_region.decode_region
 
