@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import DIST_VARS, TESTS
+from test_slurm import parse_job_state, wait_for_job_end
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 
 REPO = os.path.dirname(TESTS)
@@ -98,20 +99,11 @@ class Cluster:
                               env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
 
     def job_state(self, job_id) -> tuple[str, int]:
-        line = self.run("node1", "scontrol", "-o", "show", "job", job_id).stdout
-        state = re.search(r"JobState=(\S+)", line)
-        code = re.search(r"ExitCode=(\d+):", line)
-        return (state.group(1) if state else "UNKNOWN"), int(code.group(1)) if code else -1
+        return parse_job_state(self.run("node1", "scontrol", "-o", "show", "job", job_id).stdout)
 
     def wait_job(self, job_id, out, timeout=300) -> int:
-        """The job's exit code once it ended for good (after any requeued runs); polls, never a fixed sleep."""
-        deadline = time.time() + timeout
-        while True:
-            state, code = self.job_state(job_id)
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
-                return code
-            assert time.time() < deadline, f"job {job_id} still {state}: " + (out.read_text() if out.exists() else "")
-            time.sleep(0.5)
+        """The job's exit code once it ended for good (after any requeued runs)."""
+        return wait_for_job_end(lambda: self.job_state(job_id), job_id, out, timeout)
 
     def pids(self, node) -> set[int]:
         out = subprocess.run(["ip", "netns", "pids", f"{self.prefix}-{node}"], capture_output=True, text=True,

@@ -82,16 +82,26 @@ def sbatch(env, out, script, *args, wait=False):
 
 def job_state(env, job_id) -> tuple[str, int]:
     line = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return parse_job_state(line)
+
+
+def parse_job_state(line: str) -> tuple[str, int]:
+    """``(JobState, exit code)`` from a line of ``scontrol -o show job``."""
     state = re.search(r"JobState=(\S+)", line)
     code = re.search(r"ExitCode=(\d+):", line)
     return (state.group(1) if state else "UNKNOWN"), int(code.group(1)) if code else -1
 
 
 def wait_job(env, job_id, out, timeout=300) -> int:
-    """The job's exit code once it ended for good. Polls every 0.5 s: sbatch --wait polls at 2, 8, then every 32 s."""
+    return wait_for_job_end(lambda: job_state(env, job_id), job_id, out, timeout)
+
+
+def wait_for_job_end(state_of, job_id, out, timeout=300) -> int:
+    """The job's exit code once it ended for good (after any requeued runs). Polls every 0.5 s, never a fixed sleep:
+    sbatch --wait polls at 2, 8, then every 32 s."""
     deadline = time.time() + timeout
     while True:
-        state, code = job_state(env, job_id)
+        state, code = state_of()
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             return code
         assert time.time() < deadline, f"job {job_id} still {state}: " + (out.read_text() if out and out.exists()
