@@ -249,6 +249,25 @@ def test_images_of_different_sizes_fail_as_the_transform_says(tmp_path):
     assert errors[0] == errors[1]
 
 
+def test_a_bad_jpeg_beside_an_image_of_another_size_is_named_with_its_folder(tmp_path):
+    """Sizes differ, so the images are read whole: a JPEG whose header reads but whose data cannot decode still fails
+    with its folder and sample, as without crop-aware decoding."""
+    dirs = write_sample_folders(tmp_path)
+    Image.new("L", (10, 10)).save(os.path.join(dirs[2], "000.png"))
+    path = os.path.join(dirs[0], "000.jpg")
+    data = bytearray(open(path, "rb").read())
+    dht = data.find(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16  # bogus Huffman counts: the size still reads, the pixels do not
+    open(path, "wb").write(bytes(data))
+    errors = []
+    for crop_decode in ("exact", "off"):
+        with pytest.raises(DataError) as info:
+            MultiImgsDataset(dirs, v2.RandomResizedCrop(16), modes=MODES, kinds=KINDS, crop_decode=crop_decode)[0]
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+    assert "000.jpg" in errors[0] and f"folder {dirs[0]!r}, sample 0" in errors[0]
+
+
 def test_scaled_decode_is_close_and_shaped_like_the_exact_one(tmp_path):
     """crop_decode="scaled": a JPEG whose crop is at least twice the output decodes at 1/2, 1/4 or 1/8 (not exact)."""
     if not region_decoder_built():

@@ -398,15 +398,18 @@ class MultiImgsDataset(Dataset):
             with self._naming(i, k):
                 sources.append(open_source(self.files[k][i], self.modes[k], cache=self.cache, regions=self._regions))
         sizes = {s.size for s in sources}
-        if len(sizes) != 1:  # the transform itself says which sizes differ
-            return self._apply_joint([s.read(Box(0, 0, *s.size))[0] for s in sources])
-        plan = self._planner.plan(*sizes.pop())
+        plan = self._planner.plan(*sizes.pop()) if len(sizes) == 1 else None
         boxes, scaled = [], []
         for k, source in enumerate(sources):
             with self._naming(i, k):
-                pixels, was_scaled = source.read(plan.box, plan.scale if self.kinds[k] == "image" else 1)
+                if plan is None:  # sizes differ: whole images, and the transform itself says which differ
+                    pixels, was_scaled = source.read(Box(0, 0, *source.size))
+                else:
+                    pixels, was_scaled = source.read(plan.box, plan.scale if self.kinds[k] == "image" else 1)
             boxes.append(pixels)
             scaled.append(was_scaled)
+        if plan is None:
+            return self._apply_joint(boxes)
         return self._unwrap(self._planner.finish(plan, self._wrap(boxes), scaled), len(boxes))
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
