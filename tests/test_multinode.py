@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import DIST_VARS, TESTS
-from test_slurm import parse_job_state, wait_for_job_end
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
+from test_slurm import parse_job_state, wait_for_job_end
 
 REPO = os.path.dirname(TESTS)
 CLUSTER_TOOL = os.path.join(REPO, "launch", "local_cluster")
