@@ -178,6 +178,10 @@ class Engine:
         finally:
             self.checkpointer.release()
             self.prepared.undo()
+            # The last reference to the DDP wrapper: it (and its reducer, which holds the process group) must be freed
+            # now, before the group is destroyed, not by the garbage collector at interpreter exit, where gloo's
+            # teardown can abort the process ("terminate called without an active exception").
+            self.forward_model = self.model
             if self._group_made_here:
                 tdist.destroy_process_group(self._group)
 

@@ -12,6 +12,7 @@ count_collectives (record, per iteration, the blocking and the asynchronous torc
 stop_rank / stop_at / stop_on_every_rank (a callback requests a stop there: on that rank, or on every rank).
 """
 
+import gc
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import time
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from pixelz_dist import Callback, train_model
@@ -142,7 +144,9 @@ def main():
                        "norm_classes": sorted({type(m).__name__ for m in trained.modules()
                                                if "Norm" in type(m).__name__}),
                        "attempt": probe.attempt,
-                       "group_alive_after": torch.distributed.is_initialized()}, f)
+                       "group_alive_after": torch.distributed.is_initialized(),
+                       # no garbage collection first: the wrapper must be gone by reference counting alone
+                       "ddp_alive_after": sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())}, f)
     if cfg.get("user_group"):
         torch.distributed.destroy_process_group()
 
