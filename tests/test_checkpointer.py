@@ -72,7 +72,7 @@ def test_resume_auto_reads_the_newest_snapshot_once(tmp_path, monkeypatch):
     real_load = torch.load
 
     def counting_load(path, *args, **kwargs):
-        loads.append(os.path.basename(str(path)))
+        loads.append(os.path.basename(str(getattr(path, "name", path))))  # a path or an open file
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", counting_load)

@@ -12,6 +12,7 @@ from torch import nn
 from pixelz_dist.checkpoint.file_format import (
     FORMAT_VERSION,
     REQUIRED_KEYS,
+    NoLoadableSnapshot,
     find_latest_valid,
     list_snapshots,
     load_snapshot,
@@ -105,7 +106,8 @@ def test_a_snapshot_made_of_pickled_code_is_refused_and_never_runs(tmp_path):
         load_snapshot(path)
     assert "system" in str(err.value)  # names the global it refused
     assert not marker.exists()
-    assert find_latest_valid(str(tmp_path / "snap")) is None
+    with pytest.raises(NoLoadableSnapshot, match="could run code"):  # never taken for "no snapshot" either
+        find_latest_valid(str(tmp_path / "snap"))
     assert not marker.exists()
 
 

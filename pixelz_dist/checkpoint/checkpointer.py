@@ -21,10 +21,11 @@ import time
 import torch
 
 from .._version import __version__
-from ..distributed.env import DistEnv, barrier, broadcast_from_main, gather_to_main
+from ..distributed.env import DistEnv, barrier, broadcast_from_main, gather_from_all, gather_to_main
 from ..errors import ConfigError, SnapshotError
 from .file_format import (
     FORMAT_VERSION,
+    NoLoadableSnapshot,
     find_latest_valid,
     load_snapshot,
     prune_snapshots,
@@ -32,6 +33,7 @@ from .file_format import (
     set_aside_newer,
     snapshot_path,
 )
+from .loadable import make_loadable
 from .prefix import PrefixLock, check_fresh_start, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,12 @@ class Checkpointer:
                 snapshot[name] = gathered[name] if name in gathered else part.state_dict()
             snapshot["meta"] = {"pixelz_dist": __version__, "torch": str(torch.__version__), "time": time.time(),
                                 **self.meta}
-            error = self._write(snapshot, path)
+            try:
+                snapshot = make_loadable(snapshot)  # what is written must load back under weights_only
+            except SnapshotError as e:
+                error = f"cannot write snapshot {path}: {e}"
+            else:
+                error = self._write(snapshot, path)
         error = broadcast_from_main(error)  # every rank waits for the file, and learns whether it was written
         if error is not None:
             raise SnapshotError(error)
@@ -130,30 +137,83 @@ class Checkpointer:
         return None
 
     # -- reading ---------------------------------------------------------------------------------------------------
-    def choose(self, spec: str | None) -> tuple[str | None, dict | None]:
+    def choose(self, spec: str | None, overwrite: bool = False) -> tuple[str | None, dict | None]:
         """The snapshot to resume from: ``spec`` itself, or for ``"auto"`` the newest valid one of the prefix
-        (None: start fresh). Rank 0 decides and tells the others, so all load the same file; rank 0 also returns
-        the content it already read, so the file is deserialised once."""
+        (None: the prefix holds none, start fresh). Rank 0 decides and tells the others, so all load the same file;
+        rank 0 also returns the content it already read, so the file is deserialised once.
+
+        Args:
+            overwrite: when the prefix holds snapshots and none of them loads, set them aside (renamed
+                ``NAME.old-<time>``) and start fresh instead of refusing.
+
+        Raises:
+            SnapshotError: ``"auto"`` found snapshots but could load none (or could not read one: the storage, not
+                the file, failed): starting from scratch would train over that run, so the run stops here.
+        """
         if spec is None:
             return None, None
-        path, content = None, None
+        path, content, error = None, None, None
         if self.env.is_main:
-            if spec == "auto":
-                found = find_latest_valid(self.prefix)
-                if found is None:
-                    logger.info("no snapshot found for prefix %r: starting from scratch", self.prefix)
-                else:
-                    path, content = found
-            else:
-                path = str(spec)
-        return broadcast_from_main(path), content
+            try:
+                path, content = self._choose_on_main(spec, overwrite)
+            except SnapshotError as e:
+                error = e
+        path, message = broadcast_from_main((path, None if error is None else str(error)))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise SnapshotError(message)
+        return path, content
+
+    def _choose_on_main(self, spec: str, overwrite: bool) -> tuple[str | None, dict | None]:
+        if spec != "auto":
+            return str(spec), None
+        try:
+            found = find_latest_valid(self.prefix)
+        except NoLoadableSnapshot:
+            if not overwrite:
+                raise
+            check_fresh_start(self.prefix, overwrite=True)  # renamed NAME.old-<time>, with a warning naming them
+            found = None
+        if found is None:
+            logger.info("no snapshot found for prefix %r: starting from scratch", self.prefix)
+            return None, None
+        return found
 
     def load(self, path: str, content: dict | None = None) -> dict:
         """Restore every part from the snapshot at ``path`` (``content``: already read); returns the snapshot.
 
+        Every rank reads and checks for itself, then the ranks agree: when one fails, all raise (naming it), so no
+        rank trains alone nor waits for a peer that has gone.
+
         Raises:
-            SnapshotError: the file cannot be read, lacks a part, or a part does not fit (naming the part).
+            SnapshotError: the file cannot be read, lacks a part, or a part does not fit (naming the part), on this
+                rank or another.
         """
+        error, snap = None, None
+        try:
+            snap = self._restore(path, content)
+        except SnapshotError as e:
+            error = e
+        outcomes = gather_from_all(None if error is None else str(error))
+        if error is not None:
+            raise error
+        failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise SnapshotError(f"on rank {rank}: {message}")
+        self.last_path, self.last_iteration = path, int(snap["progress"]["iteration"])
+        if self.env.is_main and self.prefix:
+            moved = set_aside_newer(self.prefix, self.last_iteration)
+            if moved:
+                logger.warning("resumed from iteration %d while %d newer snapshot(s) of %r existed (a branch this "
+                               "run abandons, or files that did not load): renamed to %s, so that 'auto' and "
+                               "keep_last follow this run", self.last_iteration, len(moved), self.prefix,
+                               ", ".join(moved))
+        barrier()
+        return snap
+
+    def _restore(self, path: str, content: dict | None) -> dict:
         snap = content if content is not None else load_snapshot(path)
         missing = [name for name in self.parts if name not in snap and name not in ABSENT_MEANS]
         if missing:
@@ -175,15 +235,6 @@ class Checkpointer:
                 part.load_state_dict(states[name])
         except SnapshotError as e:
             raise SnapshotError(f"cannot resume from {path!r}: {e}") from e.__cause__
-        self.last_path, self.last_iteration = path, int(snap["progress"]["iteration"])
-        if self.env.is_main and self.prefix:
-            moved = set_aside_newer(self.prefix, self.last_iteration)
-            if moved:
-                logger.warning("resumed from iteration %d while %d newer snapshot(s) of %r existed (a branch this "
-                               "run abandons, or files that did not load): renamed to %s, so that 'auto' and "
-                               "keep_last follow this run", self.last_iteration, len(moved), self.prefix,
-                               ", ".join(moved))
-        barrier()
         return snap
 
 

@@ -17,6 +17,7 @@ state in ``rng`` beside ``rng_per_rank``; :func:`load_snapshot` turns it into ve
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -65,27 +66,34 @@ def save_snapshot(snapshot: dict, path: str) -> None:
 def load_snapshot(path: str) -> dict:
     """Load, check and (for an older format) upgrade a snapshot. Never unpickles code: ``weights_only=True``.
 
+    A read that fails for a reason that may pass (an I/O error, a stale NFS handle, memory) is tried again after
+    :data:`READ_RETRY_DELAYS`; if it still fails, :class:`SnapshotUnreadable` says so: the file may be intact, and
+    a caller must not take it for a damaged one.
+
     Raises:
+        SnapshotUnreadable: the file could not be read (it may be fine).
         SnapshotError: the file is missing, truncated, holds pickled objects other than tensors and plain
             containers, lacks a key, or was written by a newer format.
     """
     if not os.path.isfile(path):
         raise SnapshotError(f"snapshot {path!r} does not exist. HINT: pass an existing file, or 'auto' with "
                             "snapshot_prefix set to resume from the newest snapshot of that prefix.")
-    try:
-        snap = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-            detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
-            raise SnapshotError(
-                f"refusing to load {path!r}: it contains pickled objects that could run code, which a pixelz_dist "
-                f"snapshot never does ({detail or 'not tensors and plain containers'}). HINT: if you made this "
-                "file yourself and trust it, load it with torch.load(weights_only=False) and re-save its tensors."
-            ) from e
-        raise SnapshotError(f"snapshot {path!r} is corrupt ({e}). HINT: resume from an older snapshot.") from e
-    except Exception as e:  # truncated zip, empty file, wrong format: all mean 'not a usable snapshot'
-        raise SnapshotError(f"snapshot {path!r} is unreadable ({type(e).__name__}: {e}). "
-                            "HINT: it may be truncated; resume from an older snapshot.") from e
+    delays, tries = list(READ_RETRY_DELAYS), 1
+    while True:
+        try:
+            snap = _read(path)
+            break
+        except SnapshotUnreadable as e:
+            if not (e.transient and delays):
+                raise SnapshotUnreadable(
+                    f"{e}{f', {tries} tries' if tries > 1 else ''}. The file may be intact: the storage did not "
+                    "deliver it, so it is not taken for a damaged snapshot (nor an older one for it), and nothing "
+                    "was trained or changed. HINT: start again once the file can be read (check permissions, the "
+                    "file system, free memory); --resume auto then continues from it.", transient=e.transient) from e
+            delay = delays.pop(0)
+            tries += 1
+            logger.warning("%s; trying again in %g s", e, delay)
+            time.sleep(delay)
     if not isinstance(snap, dict):
         raise SnapshotError(f"{path!r} holds a {type(snap).__name__}, not a pixelz_dist snapshot (a dict).")
     version = snap.get("format_version")
@@ -97,6 +105,67 @@ def load_snapshot(path: str) -> dict:
         raise SnapshotError(f"snapshot {path!r} lacks key(s) {missing}; it was not written by pixelz_dist's "
                             f"train_model (keys found: {sorted(snap)}).")
     return _upgrade_from_1(snap) if version == 1 else snap
+
+
+class SnapshotUnreadable(SnapshotError):
+    """A snapshot could not be *read* (I/O error, stale file handle, permissions, no memory): the file itself may be
+    intact. ``transient``: the cause may pass by itself, so the read is worth trying again."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+
+
+#: Seconds to wait before each new try of a read that failed for a reason that may pass.
+READ_RETRY_DELAYS = (1.0, 5.0, 15.0)
+#: errno values of a read failure that says nothing about the file's content (NFS and Lustre give most of them).
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "ESTALE", "EAGAIN", "EBUSY", "ETIMEDOUT", "ENOMEM", "ENOLCK", "ENETDOWN", "ENETUNREACH", "ENETRESET",
+    "ECONNABORTED", "ECONNRESET", "ECONNREFUSED", "EHOSTDOWN", "EHOSTUNREACH", "EREMOTEIO", "ENOBUFS", "ENFILE",
+    "EMFILE") if hasattr(errno, name))
+#: errno values of a read that no retry will fix, but that say nothing about the file's content either.
+_REFUSED_ERRNOS = frozenset((errno.EACCES, errno.EPERM))
+#: Words of torch's allocator when a tensor of the file does not fit in memory.
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate memory")
+
+
+def _read(path: str):
+    """``torch.load`` through a Python file object, so an I/O error arrives as an ``OSError`` with its errno (torch's
+    own reader, given the path, turns it into a RuntimeError that looks like a damaged file)."""
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+            raise SnapshotError(
+                f"refusing to load {path!r}: it contains pickled objects that could run code, which a pixelz_dist "
+                f"snapshot never does ({detail or 'not tensors and plain containers'}). HINT: if you made this "
+                "file yourself and trust it, load it with torch.load(weights_only=False) and re-save its tensors."
+            ) from e
+        raise SnapshotError(f"snapshot {path!r} is corrupt ({e}). HINT: resume from an older snapshot.") from e
+    except FileNotFoundError as e:
+        raise SnapshotError(f"snapshot {path!r} disappeared while it was read (removed by another process?)") from e
+    except OSError as e:
+        if e.errno in _TRANSIENT_ERRNOS or e.errno in _REFUSED_ERRNOS:  # the storage failed, not the file
+            raise SnapshotUnreadable(f"cannot read snapshot {path!r}: {e.strerror or e} (errno {e.errno})",
+                                     transient=e.errno in _TRANSIENT_ERRNOS) from e
+        # others come from the content: torch seeks to offsets a truncated file does not have (EINVAL)
+        raise SnapshotError(f"snapshot {path!r} is unreadable ({e.strerror or e}). HINT: it may be truncated; "
+                            "resume from an older snapshot.") from e
+    except MemoryError as e:
+        raise SnapshotUnreadable(f"cannot read snapshot {path!r}: out of memory") from e
+    except Exception as e:  # truncated zip, empty file, wrong format: all mean 'not a usable snapshot'
+        if isinstance(e, RuntimeError) and any(words in str(e) for words in _OUT_OF_MEMORY):
+            raise SnapshotUnreadable(f"cannot read snapshot {path!r}: out of memory ({_first_line(e)})") from e
+        raise SnapshotError(f"snapshot {path!r} is unreadable ({type(e).__name__}: {_first_line(e)}). "
+                            "HINT: it may be truncated; resume from an older snapshot.") from e
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an error (torch's zip reader adds a paragraph of advice after it)."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(e).__name__
 
 
 def _upgrade_from_1(snap: dict) -> dict:
@@ -111,13 +180,52 @@ def _upgrade_from_1(snap: dict) -> dict:
 
 
 def find_latest_valid(prefix: str) -> tuple[str, dict] | None:
-    """The newest snapshot of ``prefix`` that loads, with its content; unreadable ones are skipped with a warning."""
+    """The newest snapshot of ``prefix`` that loads, with its content; None when the prefix holds no snapshot.
+
+    A newer snapshot that is damaged (truncated, not a snapshot) is skipped with a warning, for an older one.
+
+    Raises:
+        SnapshotUnreadable: a snapshot could not be read even after retries (the storage failed, not the file):
+            resuming from an older one would silently give up the newer, so nothing is chosen.
+        NoLoadableSnapshot: the prefix holds snapshots and none of them loads; the message lists each and why.
+    """
+    failures = []
     for _, path in list_snapshots(prefix):
         try:
-            return path, load_snapshot(path)
+            found = path, load_snapshot(path)
+        except SnapshotUnreadable:
+            raise
         except SnapshotError as e:
-            logger.warning("skipping snapshot: %s", e)
+            if os.path.exists(path):  # one pruned under our feet is simply gone
+                failures.append((path, e))
+            continue
+        for skipped, e in failures:
+            logger.warning("skipping snapshot %s: %s", skipped, _reason(e, skipped))
+        return found
+    if failures:
+        raise NoLoadableSnapshot(prefix, failures)
     return None
+
+
+class NoLoadableSnapshot(SnapshotError):
+    """The prefix holds snapshots, none of which loads: starting from scratch would train over a run."""
+
+    def __init__(self, prefix: str, failures: list[tuple[str, SnapshotError]]):
+        self.prefix, self.paths = prefix, [path for path, _ in failures]
+        listed = "; ".join(f"{os.path.basename(path)}: {_reason(e, path)}" for path, e in failures)
+        super().__init__(
+            f"snapshot prefix {prefix!r} holds {len(failures)} snapshot(s) and none of them can be loaded ({listed}). "
+            "Nothing was trained and no file was changed: starting from scratch would train over that run. HINT: "
+            "resume from a good copy of a snapshot (load_snapshot_path=FILE, --resume FILE); or, if that run is "
+            "lost, start afresh with overwrite=True (--overwrite), which renames these files NAME.old-<time> "
+            "instead of deleting them.")
+
+
+def _reason(error: SnapshotError, path: str) -> str:
+    """The part of a load error that is about the file, without its path and hint (they are said once)."""
+    text = str(error).replace(f"snapshot {path!r} ", "").replace(f"{path!r} ", "")
+    text = text[3:] if text.startswith("is ") else text
+    return text.split(" HINT:")[0].rstrip(". ")
 
 
 def prune_snapshots(prefix: str, keep_last: int, keep: str) -> None:

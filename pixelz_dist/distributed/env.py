@@ -151,6 +151,15 @@ def gather_to_main(obj, env: DistEnv):
     return out
 
 
+def gather_from_all(obj) -> list:
+    """Every rank's ``obj``, as a list on every rank (``[obj]`` without a group)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_initialized():
         tdist.barrier()

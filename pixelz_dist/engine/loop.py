@@ -186,7 +186,7 @@ class Engine:
                 tdist.destroy_process_group(self._group)
 
     def resume(self) -> None:
-        path, content = self.checkpointer.choose(self.s.load_snapshot_path)
+        path, content = self.checkpointer.choose(self.s.load_snapshot_path, overwrite=self.s.overwrite)
         if path is None:
             return
         snap = self.checkpointer.load(path, content)
