@@ -43,7 +43,12 @@ TRAIN_MODEL_OPTIONS = (
     ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
     ("--overwrite", "overwrite", dict(action=argparse.BooleanOptionalAction, default=False,
                                       help="a run without --resume into a prefix that holds another run's snapshots "
-                                           "sets them aside (renamed NAME.old-<time>) instead of refusing")),
+                                           "sets them aside (renamed NAME.old-<time>) instead of refusing; with "
+                                           "--resume auto, so do snapshots of which none can be loaded")),
+    ("--allow-changed-data", "allow_changed_data", dict(
+        action=argparse.BooleanOptionalAction, default=False,
+        help="with --resume: continue in the middle of an epoch although the data changed since the snapshot (files "
+             "added, removed or renamed; refused otherwise): the epoch goes on at the same position of the new list")),
     ("--strict-load", "strict_load", dict(action=argparse.BooleanOptionalAction, default=True,
                                           help="--no-strict-load: resume a snapshot whose model has other keys, "
                                                "loading the keys both have (shapes must still match)")),

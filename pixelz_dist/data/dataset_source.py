@@ -12,10 +12,12 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
+from ..distributed.env import gather_from_all
 from ..distributed.preemption import ignore_preemption_signals
-from ..errors import DataError
+from ..errors import DataError, SnapshotError
 from .batch_source import BatchSource, stop_workers
 from .collate import NamedCollate
+from .sample_list import SampleList
 from .sampler import ResumableBatchSampler, batches_in
 from .seeding import SeededDataset, draws_no_random_numbers
 
@@ -50,6 +52,10 @@ class DatasetSource(BatchSource):
                             "HINT: lower batch_size or set drop_last=False.")
         self.dataset = dataset
         self.batch_size, self.world_size, self.drop_last = s.batch_size, env.world_size, s.drop_last
+        self.sample_list = SampleList.of(dataset)
+        self.allow_changed_data = s.allow_changed_data
+        self._data_change: str | None = None  # how the dataset differs from the snapshot's being loaded
+        check_same_list_on_every_rank(self.sample_list)
         self._iterator = None  # the epoch's DataLoader iterator: its workers are shut down in close()
         fetched = SeededDataset(dataset) if seed_data else dataset
         self.loader = DataLoader(fetched, batch_sampler=self.sampler, num_workers=num_workers,
@@ -103,7 +109,39 @@ class DatasetSource(BatchSource):
     # -- snapshots ----------------------------------------------------------------------------------------------------
     def _sampling_state(self) -> dict:
         return {"seed": self.sampler.seed, "shuffle": self.sampler.shuffle, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_samples": self.num_samples, "drop_last": self.drop_last}
+                "world_size": self.world_size, "num_samples": self.num_samples, "drop_last": self.drop_last,
+                "samples": self.sample_list.state_dict()}
+
+    def precheck(self, state: dict, meta: dict) -> None:
+        """Refuse to resume in the middle of an epoch of a dataset that changed since the snapshot (the same
+        position would point into another list), unless ``allow_changed_data``."""
+        change = self.sample_list.difference(state.get("samples"))
+        if change is None and state.get("num_samples", self.num_samples) != self.num_samples:  # older snapshots
+            change = f"{state['num_samples']} samples when the snapshot was written, {self.num_samples} now"
+        self._data_change = change
+        position, epoch = int(state["position"]), int(state["epoch"])
+        if change is None or position == 0 or not self.restore_position or self.allow_changed_data:
+            return
+        raise SnapshotError(
+            f"the dataset changed since the snapshot, which was taken {position} samples into epoch {epoch}: "
+            f"{change}. The position would now point into another list: the rest of that epoch would train some "
+            "samples twice and never show others. HINT: put the data back as it was; or continue anyway with "
+            "allow_changed_data=True (--allow-changed-data): the epoch goes on at the same position of the new "
+            "list, and the next epochs use the whole new list; or resume with restore_dataloader=False to start "
+            "the next epoch on the new list.")
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        change, self._data_change = self._data_change, None
+        if change is None:
+            return
+        if int(state["position"]) == 0 or not self.restore_position:
+            logger.warning("the dataset changed since the snapshot (%s): epoch %d starts on the new list", change,
+                           self.epoch)
+        else:
+            logger.warning("the dataset changed since the snapshot (%s); allow_changed_data: epoch %d goes on at "
+                           "position %d of the new list (some of its samples are seen twice in this epoch, others "
+                           "not at all); the next epochs use the new list", change, self.epoch, self.position)
 
     def _restore_sampling(self, state: dict) -> None:
         if state["seed"] != self.sampler.seed:
@@ -117,8 +155,22 @@ class DatasetSource(BatchSource):
             logger.warning("resuming with %s: the data position is kept in samples (%d into epoch %d), so no "
                            "sample is skipped or repeated, but the run is no longer bit-identical to the "
                            "original", ", ".join(changed), self.position, self.epoch)
-        if state.get("num_samples") != self.num_samples:
-            logger.warning("the dataset had %s samples when the snapshot was written and has %d now",
-                           state.get("num_samples"), self.num_samples)
-            if self.position >= self.num_samples:
-                self.skip_rest_of_epoch()
+        if self.position >= self.num_samples:  # a shorter dataset (allow_changed_data): that epoch is over
+            self.skip_rest_of_epoch()
+
+
+def check_same_list_on_every_rank(sample_list: SampleList) -> None:
+    """Every rank must shard the same list (a folder read while it was being copied, a stale NFS view: the ranks
+    would train on different data without a word).
+
+    Raises:
+        DataError: the ranks' lists differ; says which rank saw how many samples.
+    """
+    seen = gather_from_all((sample_list.count, sample_list.digest))
+    if len(set(seen)) <= 1:
+        return
+    listed = ", ".join(f"rank {rank}: {count} samples (names {digest or 'unknown'})"
+                       for rank, (count, digest) in enumerate(seen))
+    raise DataError(f"the ranks see different datasets ({listed}): each would shard another list. HINT: make the "
+                    "data identical on every node (wait for a copy or sync to finish, or read it from one shared "
+                    "folder), then start again.")

@@ -321,6 +321,13 @@ class MultiImgsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
+    def sample_names(self) -> list[str]:
+        """One name per sample, by which a snapshot recognises the list it was taken on (see
+        :mod:`~pixelz_dist.data.sample_list`): the stem, or with ``match="sorted"`` every folder's file name."""
+        if self.match == "stem":
+            return self.stems
+        return ["\t".join(os.path.basename(folder[i]) for folder in self.files) for i in range(len(self.stems))]
+
     def load(self, index: int, folder: int) -> Any:
         """Load one image, untransformed."""
         path = self.files[folder][index]

@@ -26,7 +26,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
                 clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
                 on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
-                overwrite=False, **legacy_kwargs):
+                overwrite=False, allow_changed_data=False, **legacy_kwargs):
     """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
 
     An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
@@ -62,7 +62,8 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         snapshot_interval: in epochs (a float, 0.5 = twice per epoch) when training by epochs, in iterations when
             training by ``num_iters``.
         load_snapshot_path: a snapshot file, or ``"auto"`` for the newest valid snapshot of ``snapshot_prefix``
-            (none: start fresh; unreadable ones are skipped with a warning).
+            (no snapshot there: start fresh; damaged ones are skipped with a warning for an older one; snapshots of
+            which none loads, or one that cannot be read, stop the run with a SnapshotError, see ``overwrite``).
         restore_dataloader: resume at the exact sample the snapshot was taken at; False starts the next epoch from
             its beginning (the seed tool's behaviour).
         display_gpu: add allocated / reserved / peak GPU memory to the log line.
@@ -98,7 +99,11 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         closure: the optimizer needs ``step(closure)`` (None: detected for ``torch.optim.LBFGS``); needs iter_size=1.
         prefetch: on CUDA, copy the next batch to the GPU on a side stream during the current step.
         overwrite: a run that does not resume refuses a ``snapshot_prefix`` that holds another run's snapshots;
-            True sets those aside (renamed ``NAME.old-<time>``, not deleted) and starts afresh.
+            True sets those aside (renamed ``NAME.old-<time>``, not deleted) and starts afresh; with
+            ``load_snapshot_path="auto"`` it does the same when the prefix holds snapshots of which none loads.
+        allow_changed_data: resume in the middle of an epoch although the dataset changed since the snapshot (files
+            added, removed or renamed): the epoch goes on at the same position of the new list. Without it such a
+            resume is refused (a changed dataset at an epoch boundary only logs a warning).
 
     Returns:
         The trained model.
