@@ -15,3 +15,7 @@ class SnapshotError(PixelzError):
 
 class DataError(PixelzError, ValueError):
     """A dataset, folder or file is not what training needs."""
+
+
+class NondeterministicOp(PixelzError, RuntimeError):
+    """Under ``deterministic=True``, the model ran an op that has no deterministic implementation on its device."""

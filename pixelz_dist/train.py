@@ -40,6 +40,10 @@ def main(argv=None) -> int:
     for note in opts.notes:
         logger.info("config: %s", note)
     env = read_env()
+    if opts.deterministic:  # before anything starts CUDA: cuBLAS reads it once
+        from .engine.determinism import set_cublas_workspace
+
+        set_cublas_workspace()
     callbacks = []
     try:
         model, dataset = build_dataset_and_model(opts)

@@ -12,26 +12,33 @@ import pytest
 import torch
 
 from conftest import DIST_VARS
-from pixelz_dist import train_model
+from pixelz_dist import NondeterministicOp, train_model
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 from pixelz_dist.cli.demo import DemoDataset, TinySegNet
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.fixture(autouse=True)
-def deterministic():
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts, as --deterministic does
 
 
-def demo_run(root, prefix=None, n=12, resume=None, **kw):
+def demo_run(root, prefix=None, n=12, resume=None, model=None, **kw):
     torch.manual_seed(0)
-    model = TinySegNet(width=8, dropout=0.2).cuda()
+    model = (model or TinySegNet(width=8, dropout=0.2)).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)
+    kw.setdefault("deterministic", True)  # the library's own switch: what makes GPU runs comparable bit for bit
     return train_model(model, opt, sched, DemoDataset(root), 4, shuffle=True, num_iters=n, display_iter=3,
                        snapshot_prefix=prefix, load_snapshot_path=resume, num_workers=2, **kw)
+
+
+class Upsampling(TinySegNet):
+    """Bilinear upsampling, whose backward has no deterministic CUDA kernel (atomic adds)."""
+
+    def predict(self, rgb, hint):
+        x = torch.nn.functional.avg_pool2d(torch.cat([rgb, hint], dim=1), 2)
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.head(self.decoder(self.dropout(self.encoder(x))))
 
 
 def params(model):
@@ -63,6 +70,15 @@ def test_resume_on_the_gpu_is_bitwise_identical(demo_root, tmp_path):
     resumed = params(demo_run(demo_root, str(tmp_path / "b"), n=12, resume="auto"))
     for p, q in zip(straight, resumed):
         assert torch.equal(p, q)
+
+
+def test_deterministic_refuses_an_op_that_has_no_deterministic_cuda_kernel_and_restores_the_settings(demo_root):
+    torch.backends.cudnn.benchmark = True
+    with pytest.raises(NondeterministicOp, match="upsample_bilinear2d_backward"):
+        demo_run(demo_root, n=2, model=Upsampling())
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    torch.backends.cudnn.benchmark = False
+    demo_run(demo_root, n=2, model=Upsampling(), deterministic=False)  # trains without the switch
 
 
 @pytest.mark.slow

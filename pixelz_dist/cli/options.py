@@ -63,6 +63,10 @@ TRAIN_MODEL_OPTIONS = (
                                                 help="the improvement that counts for --stop-patience")),
     ("--time-budget", "time_budget", dict(type=float, metavar="SECONDS", help="stop with a final snapshot before "
                                           "SECONDS are spent (e.g. a little under the SLURM time limit)")),
+    ("--deterministic", "deterministic", dict(
+        action=argparse.BooleanOptionalAction, default=False,
+        help="deterministic algorithms (cuDNN without benchmark, CUBLAS_WORKSPACE_CONFIG): a GPU run and its resume "
+             "bit-identical; an op without a deterministic implementation is an error naming it")),
     ("--on-nonfinite", "on_nonfinite", dict(choices=("raise", "skip"), help="on a NaN / inf loss: stop with an "
                                             "error naming the iteration, or skip the step (default: no check)")),
 )

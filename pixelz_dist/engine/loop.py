@@ -56,6 +56,7 @@ from .requests import Requests, agreement_group
 from .scheduling import SchedulerStepper
 from .settings import RunSettings
 from .state import Progress, TrainState
+from .train_mode import TRAINING, TrainMode
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Engine:
         self.model, self.optimizer, self.scheduler, self.dataset = model, optimizer, scheduler, dataset
         self.env = env = read_env()
         self.distributed = env.is_distributed
+        self.train_mode = TrainMode(model)  # records the modes the model arrived in, before any wrapping
         if self.distributed and not is_initialized():
             raise PixelzError(f"WORLD_SIZE={env.world_size} but no process group exists. HINT: call train_model "
                               "directly (it creates the group), or wrap your code in "
@@ -173,11 +175,13 @@ class Engine:
             self.checkpointer.claim(fresh=self.s.load_snapshot_path is None, overwrite=self.s.overwrite)
             self.resume()  # into the plain module, before DDP wraps it
             self.forward_model = self.prepared.wrap()
+            self.train_mode.watch(self.forward_model)
             self.bare_micro_batches = self.prepared.ddp is None and self.precision.amp is None
             return self.train()
         finally:
             self.checkpointer.release()
             self.prepared.undo()
+            self.train_mode.restore()
             # The last reference to the DDP wrapper: it (and its reducer, which holds the process group) must be freed
             # now, before the group is destroyed, not by the garbage collector at interpreter exit, where gloo's
             # teardown can abort the process ("terminate called without an active exception").
@@ -214,6 +218,8 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)  # gradients left by the caller must not leak into step 1
         for hook in self.callbacks.on_train_start:
             hook(self.state)
+        self.train_mode.ensure("train_model received the model with" if not self.progress.iteration
+                               else f"resuming at iteration {self.progress.iteration + 1}, the model had")
         with self.preemption:  # DataLoader workers start inside (and ignore these signals: see the module)
             try:
                 while not self.done():
@@ -247,10 +253,13 @@ class Engine:
         run_iteration = self.run_closure_iteration if self.s.closure else self.run_iteration
         advance, samples_between = source.advance, source.samples_between
         display_iter, preemption = self.s.display_iter, self.preemption
+        modules, train_mode = self.train_mode.modules, self.train_mode
         # after_iteration has work every step only under torchrun (requests agreed on) or with snapshots (one due?)
         check_every_step = self.distributed or bool(self.s.snapshot_prefix)
         last_iteration = self.s.num_iters if self.s.num_iters is not None else math.inf  # by epochs: the loop ends
         while remaining is None or consumed < remaining:
+            if not all(map(TRAINING, modules)):  # ~5 us for a ResNet-50; model.train() would cost 850 us
+                train_mode.ensure(f"before iteration {p.iteration + 1}, the model had")
             if remaining is None:  # a DataLoader without a length: look ahead to know the window
                 window_batches = [b for _, b in zip(range(iter_size), batches)]
                 window = len(window_batches)

@@ -55,6 +55,7 @@ class RunSettings:
     prefetch: bool = True
     overwrite: bool = False
     allow_changed_data: bool = False
+    deterministic: bool = False
 
 
 def setting_names() -> frozenset[str]:
@@ -142,7 +143,8 @@ def check_settings(values: dict) -> RunSettings:
         problems.append(f"stop_loss_below must be a number or None, got {x!r}")
     if v.get("stop_patience") is not None and (not _is_int(v["stop_patience"]) or v["stop_patience"] < 1):
         problems.append(f"stop_patience must be an integer >= 1 (iterations) or None, got {v['stop_patience']!r}")
-    for name in ("overwrite", "strict_load", "restore_dataloader", "allow_changed_data"):
+    for name in ("overwrite", "strict_load", "restore_dataloader", "allow_changed_data",
+                 "deterministic"):
         if not isinstance(v.get(name), bool):
             problems.append(f"{name} must be True or False, got {v.get(name)!r}")
     if v.get("on_nonfinite") not in (None, "raise", "skip"):

@@ -13,6 +13,7 @@ from ..callbacks.builtin import GradientClipping, NonFiniteGuard, StopOnLoss, Ti
 from ..distributed.env import process_group
 from ..errors import ConfigError, DataError
 from ..log import ensure_handler, rank_logging
+from .determinism import deterministic_mode
 from .loop import Engine
 from .settings import RunSettings, apply_legacy_names, check_settings, setting_names
 
@@ -26,7 +27,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
                 clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
                 on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
-                overwrite=False, allow_changed_data=False, **legacy_kwargs):
+                overwrite=False, allow_changed_data=False, deterministic=False, **legacy_kwargs):
     """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
 
     An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
@@ -104,15 +105,26 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         allow_changed_data: resume in the middle of an epoch although the dataset changed since the snapshot (files
             added, removed or renamed): the epoch goes on at the same position of the new list. Without it such a
             resume is refused (a changed dataset at an epoch boundary only logs a warning).
+        deterministic: deterministic algorithms for the run (``torch.use_deterministic_algorithms``, cuDNN
+            deterministic without benchmark, ``CUBLAS_WORKSPACE_CONFIG``), the process's previous settings restored
+            after: what makes a GPU run and its resume bit-identical. An op without a deterministic implementation
+            then raises ``NondeterministicOp`` naming it. Not needed on the CPU.
+
+    Every step runs in train mode, whatever the model arrived in or a callback did between steps (a validation pass
+    that calls ``model.eval()``): the loop calls ``model.train()`` when any module is found in eval mode, with one
+    warning. To keep layers frozen (eval-mode BatchNorm of a pretrained backbone), override the model's ``train()``
+    method so that it keeps them in eval mode.
 
     Returns:
-        The trained model.
+        The trained model, each of its modules in the mode (train / eval) it arrived in.
 
     Raises:
         ConfigError: invalid arguments (all listed at once); an optimizer that holds none of the model's
             parameters; a snapshot prefix that cannot be written, is another live run's, or holds an old run's
             snapshots (see ``overwrite``). DataError: an empty dataset, or a sample that cannot be loaded.
-        SnapshotError: a snapshot that cannot be loaded, does not fit, or cannot be written.
+        SnapshotError: a snapshot that cannot be loaded, does not fit, or cannot be written; ``"auto"`` over
+            snapshots of which none loads; a resume mid-epoch onto a changed dataset (see ``allow_changed_data``).
+        NondeterministicOp: with ``deterministic=True``, an op that has no deterministic implementation.
         Preempted: SIGTERM / SIGUSR1 / SIGUSR2 arrived; a snapshot was written (exit code 75 when uncaught).
         Interrupted: Ctrl-C arrived; a snapshot was written (a KeyboardInterrupt).
 
@@ -138,7 +150,8 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
     settings: RunSettings = check_settings(values)
     check_optimizer_holds(model, optimizer)
     ensure_handler()
-    with process_group(backend=backend, timeout_s=dist_timeout) as env, rank_logging(env.rank, env.world_size):
+    with process_group(backend=backend, timeout_s=dist_timeout) as env, rank_logging(env.rank, env.world_size), \
+            deterministic_mode(settings.deterministic):
         callbacks = builtin_callbacks(settings) + list(callbacks or ())
         return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()
 
