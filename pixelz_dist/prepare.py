@@ -8,13 +8,14 @@ Example::
 The lossless images (PNG, TIFF, BMP, ...) are decoded once, in parallel (``--workers``, default: the CPUs this
 process may use), and stored as training will read them; JPEGs are left alone. A second run stores only new or edited
 files. Exit codes: 0 done, 2 a usage error, bad folders, or files that could not be cached (named; the others are).
+The work is done by :mod:`pixelz_dist.cli.fill_cache`.
 """
 
 from __future__ import annotations
 
 import sys
 
-from .cli.prepare import main
+from .cli.fill_cache import main
 
 __all__ = ["main"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_pixel_cache import _folders
 
-from pixelz_dist.cli.prepare import main
+from pixelz_dist.cli.fill_cache import main
 from pixelz_dist.data.images import fast_img_loader
 from pixelz_dist.data.pixel_cache import PixelCache
 from pixelz_dist.errors import PixelzError
@@ -92,9 +92,26 @@ def _killed(job):
 
 
 def test_a_killed_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
-    from pixelz_dist.cli import prepare as prepare_module
+    from pixelz_dist.cli import fill_cache as fill_cache_module
 
     dirs = _folders(tmp_path)
-    monkeypatch.setattr(prepare_module, "_fill_one", _killed)  # the forked workers inherit it
+    monkeypatch.setattr(fill_cache_module, "_fill_one", _killed)  # the forked workers inherit it
     with pytest.raises(PixelzError, match="a worker process died"):
-        prepare_module.prepare_cache(dirs[1:], str(tmp_path / "cache"), workers=2, progress=False)
+        fill_cache_module.prepare_cache(dirs[1:], str(tmp_path / "cache"), workers=2, progress=False)
+
+
+def test_every_console_script_names_a_callable():
+    """pyproject's [project.scripts] (``pixelz-prepare`` and the others) point at functions that exist."""
+    import importlib
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["pixelz-prepare"] == "pixelz_dist.prepare:main"
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
