@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the training --data folders (one per image of a sample)")
     p.add_argument("--cache-dir", required=True, metavar="CACHE", help="the cache folder training gets as --cache-dir")
     p.add_argument("--modes", nargs="+", metavar="MODE",
-                   help="per --data folder, as for training: RGB, L, unchanged or auto (default: auto)")
+                   help="per --data folder, as for training: RGB, L, unchanged, auto or label (default: auto)")
     p.add_argument("--workers", type=int, metavar="N",
                    help=f"processes decoding at once (default: the CPUs this process may use, at most {MAX_WORKERS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")

@@ -19,7 +19,6 @@ only reads the cache: training goes on, with the original pixels.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ from PIL import Image
 
 from ..fileio import atomic_write
 from . import images
+from .formats import is_lossless
+from .labels import LABEL, check_lossless
 
 __all__ = ["FORMAT_VERSION", "PixelCache", "is_lossless"]
 
@@ -43,45 +44,8 @@ _MAGIC = b"PXZCACHE"
 _PREFIX = struct.Struct("<8sHI")  # magic, format version, length of the JSON header that follows
 _ALIGN = 64  # pixels start on a 64-byte boundary
 _FIRST_READ = 4096  # one read usually covers the whole header (a palette makes it ~1.6 KB)
-#: TIFF compressions (Pillow's names) whose decode is not the stored data: such files are not cached.
-_LOSSY_TIFF = frozenset({"jpeg", "tiff_jpeg", "webp", "jpeg2000"})
 #: Folders this process gave up writing to (one warning each), by absolute path.
 _unwritable: dict[str, str] = {}
-
-
-def is_lossless(data: bytes) -> bool:
-    """Whether the file's content (not its name) is a losslessly stored image worth caching.
-
-    PNG, BMP, GIF, QOI, PNM and TIFF (unless JPEG/WebP-compressed) and lossless WebP are; JPEG, lossy WebP and
-    formats this function does not know are not (they are decoded as usual, never stored).
-    """
-    head = data[:16]
-    if head.startswith((b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"qoif")):
-        return True
-    if len(head) > 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
-        return True
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        try:
-            with Image.open(io.BytesIO(data)) as img:  # header only: the compression tag
-                return img.info.get("compression", "raw") not in _LOSSY_TIFF
-        except Exception:
-            return False  # fast_img_loader reports it
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return _webp_lossless(data)
-    return False
-
-
-def _webp_lossless(data: bytes) -> bool:
-    # Top-level chunks: "VP8L" alone is lossless; "VP8 " (lossy), "ANMF" (animation frames) are not cached.
-    pos, seen = 12, set()
-    while pos + 8 <= len(data) and len(seen) < 16:
-        fourcc = data[pos : pos + 4]
-        seen.add(fourcc)
-        pos += 8 + int.from_bytes(data[pos + 4 : pos + 8], "little")
-        pos += pos & 1
-        if fourcc in (b"VP8 ", b"VP8L", b"ANMF"):
-            break
-    return b"VP8L" in seen and b"VP8 " not in seen and b"ANMF" not in seen
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
@@ -224,6 +188,8 @@ class PixelCache:
         key = self._source_key(path)
         data = images.read_image_file(path)
         if key is None or not is_lossless(data):
+            if mode == LABEL:
+                check_lossless(data, path)  # a lossy label file is refused here, as training would refuse it
             return "not lossless"  # not decoded either: a JPEG is checked when training reads it, as always
         images.jpeg_backend()
         return "stored" if self._decode_and_store(path, mode, exif, key, data)[2] else "not stored"
