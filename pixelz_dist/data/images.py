@@ -30,10 +30,15 @@ from PIL import Image, ImageOps
 from ..errors import ConfigError, DataError
 from .labels import LABEL, decode_label
 
-__all__ = ["BACKENDS", "ENV_VAR", "check_mode", "fast_img_loader", "jpeg_backend", "set_jpeg_backend"]
+__all__ = ["BACKENDS", "DECODE_VERSION", "ENV_VAR", "check_mode", "fast_img_loader", "jpeg_backend",
+           "set_jpeg_backend"]
 
 logger = logging.getLogger(__name__)
 
+#: Bumped whenever a change to this module or :mod:`.labels` can change the pixels of a lossless image: the pixel
+#: cache keys its entries on it (:func:`~pixelz_dist.data.pixel_cache.decoder_version`), so it never serves an older
+#: decode.
+DECODE_VERSION = 1
 #: Environment variable read when the backend is first needed: a name from :data:`BACKENDS` or ``auto``.
 ENV_VAR = "PIXELZ_JPEG_BACKEND"
 #: JPEG backends, fastest first as measured by ``benchmarks/decode_throughput.py``; ``pil`` always works.
