@@ -214,7 +214,8 @@ def test_cache_and_crop_aware_paths_give_identical_tensors(tmp_path, monkeypatch
 # -- the command line ------------------------------------------------------------------------------------------------
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.join(TESTS, "jobs"), os.getcwd(),
+    # tests/jobs for the model factory, then this checkout's package (as `python -m` from the repository root)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.join(TESTS, "jobs"), os.path.dirname(TESTS),
                                                                    env.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=240)
 
