@@ -21,7 +21,7 @@ MOVED = {
     "config": ("cli.config",),
     "demo": ("cli.demo",),
     "device_feed": ("data.device_feed",),
-    "dist": ("distributed.env", "distributed.prepare"),
+    "dist": ("distributed.env", "distributed.model_wrapping"),
     "hooks": ("callbacks.base", "engine.state"),
     "images": ("data.images",),
     "imports": ("cli.imports",),

@@ -6,7 +6,7 @@ from torch import nn
 
 from pixelz_dist.distributed import env as dist
 from pixelz_dist.distributed.env import DistEnv, read_env
-from pixelz_dist.distributed.prepare import convert_sync_batchnorm, plan_devices, revert_sync_batchnorm
+from pixelz_dist.distributed.model_wrapping import convert_sync_batchnorm, plan_devices, revert_sync_batchnorm
 from pixelz_dist.errors import ConfigError
 
 

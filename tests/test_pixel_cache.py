@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import logging
 import multiprocessing
@@ -160,6 +162,138 @@ def test_same_size_new_content_is_seen_through_mtime(tmp_path):
     assert os.path.getsize(path) == st.st_size
     new = cache.load(path, "RGB", as_tensor=True)
     assert torch.equal(new, fast_img_loader(path, "RGB", as_tensor=True)) and not torch.equal(new, old)
+
+
+def _after_a_clock_tick(folder, st: os.stat_result) -> None:
+    """Return once a file written now gets another change time than ``st``'s: the kernel stamps files with a coarse
+    clock (a few ms), and a rewrite within the same tick could not be told apart by any timestamp."""
+    probe = os.path.join(folder, ".probe")
+    while True:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        if os.stat(probe).st_ctime_ns != st.st_ctime_ns:
+            os.remove(probe)
+            return
+
+
+def _stored_png(path, seed: int) -> None:
+    """A PNG whose byte size depends on its dimensions only (no compression), with the same name chunk each time."""
+    pixels("L", seed=seed).save(path, "PNG", compress_level=0)
+
+
+@pytest.mark.parametrize("how", ["in-place", "replaced"])  # cp -p over the file / tar -x and rsync -t (rename over)
+def test_a_same_size_rewrite_with_its_times_put_back_is_seen(tmp_path, how):
+    path = str(tmp_path / "mask.png")
+    _stored_png(path, seed=1)
+    cache = PixelCache(tmp_path / "cache")
+    old = cache.load(path, "L", as_tensor=True)
+    assert cache.fill(path, "L") == "current"
+    st = os.stat(path)
+    _after_a_clock_tick(str(tmp_path), st)
+    target = path if how == "in-place" else str(tmp_path / ".mask.png.part")
+    _stored_png(target, seed=2)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p, tar -x and rsync -t do
+    if how == "replaced":
+        os.replace(target, path)
+    now = os.stat(path)
+    assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns)  # what the old key looked at
+    new = fast_img_loader(path, "L", as_tensor=True)
+    assert not torch.equal(new, old)
+    assert cache.image_size(path, "L") is None
+    assert torch.equal(cache.load(path, "L", as_tensor=True), new)
+    assert cache.fill(path, "L") == "current"  # stored again by the load above: the entry follows the file
+    assert len([f for _, _, fs in os.walk(cache.root) for f in fs]) == 1
+
+
+@pytest.mark.parametrize("bump", ["DECODE_VERSION", "Pillow", "FORMAT_VERSION"])
+def test_entries_of_another_decoder_or_format_are_misses(tmp_path, monkeypatch, bump):
+    import PIL
+
+    from pixelz_dist.data import pixel_cache as pixel_cache_module
+
+    path = str(tmp_path / "a.png")
+    pixels("P").save(path)
+    cache = PixelCache(tmp_path / "cache")
+    cache.load(path, "unchanged", as_tensor=True)
+    assert cache.image_size(path, "unchanged") == (H, W)
+    if bump == "DECODE_VERSION":
+        monkeypatch.setattr(images_module, "DECODE_VERSION", images_module.DECODE_VERSION + 1)
+    elif bump == "Pillow":
+        monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".post1")
+    else:
+        monkeypatch.setattr(pixel_cache_module, "FORMAT_VERSION", pixel_cache_module.FORMAT_VERSION + 1)
+    assert cache.image_size(path, "unchanged") is None
+    assert cache.fill(path, "unchanged") == "stored"
+    assert cache.fill(path, "unchanged") == "current"
+    entries = sorted(f for _, _, fs in os.walk(cache.root) for f in fs)
+    # another decoder replaces the entry in place; another format lives under another name, and prune removes it
+    assert len(entries) == (2 if bump == "FORMAT_VERSION" else 1), entries
+    pruned = cache.prune()
+    assert (pruned.old, pruned.gone) == ((1, 0) if bump == "FORMAT_VERSION" else (0, 0))
+    assert cache.image_size(path, "unchanged") == (H, W)
+
+
+def test_prune_removes_entries_of_deleted_files_and_killed_writers_temporary_files(tmp_path):
+    import time
+
+    paths = [str(tmp_path / f"{name}.png") for name in ("a", "b", "c")]
+    for i, p in enumerate(paths):
+        pixels("RGB", seed=i).save(p)
+    cache = PixelCache(tmp_path / "cache")
+    for p in paths:
+        for mode in ("RGB", "L"):
+            cache.fill(p, mode)
+    gone_entries = [cache.entry_path(paths[1], mode) for mode in ("RGB", "L")]
+    gone_bytes = sum(os.path.getsize(e) for e in gone_entries)
+    os.remove(paths[1])
+    folder = os.path.dirname(cache.entry_path(paths[0], "RGB"))
+    killed = os.path.join(folder, ".0123456789abcdef0123456789abcdef.px.k1ll3d.tmp")
+    live = os.path.join(folder, ".fedcba9876543210fedcba9876543210.px.l1v3.tmp")
+    for name in (killed, live):
+        with open(name, "wb") as f:
+            f.write(b"\0" * 1000)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (hours_ago, hours_ago))
+    foreign = [str(tmp_path / "cache" / "notes.txt"), os.path.join(folder, "notes.txt")]
+    for name in foreign:
+        with open(name, "w") as f:
+            f.write("not the cache's")
+    before = {os.path.join(d, f) for d, _, fs in os.walk(cache.root) for f in fs}
+
+    pruned = cache.prune()
+    after = {os.path.join(d, f) for d, _, fs in os.walk(cache.root) for f in fs}
+    assert before - after == {killed, *gone_entries}  # exactly those
+    assert (pruned.gone, pruned.old, pruned.entry_bytes, pruned.temps, pruned.temp_bytes) == (2, 0, gone_bytes, 1,
+                                                                                              1000)
+    for p in (paths[0], paths[2]):
+        assert cache.fill(p, "RGB") == cache.fill(p, "L") == "current"
+    assert cache.prune() == type(pruned)()  # nothing more to do
+    assert PixelCache(tmp_path / "no_cache_yet").prune() == type(pruned)()
+
+
+def test_a_writer_whose_temporary_file_was_pruned_just_does_not_store(tmp_path, caplog, monkeypatch):
+    from pixelz_dist import fileio
+    from pixelz_dist.data import pixel_cache as pixel_cache_module
+
+    real = fileio.atomic_write
+
+    @contextlib.contextmanager
+    def pruned_meanwhile(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as f:
+            yield f
+            (temporary,) = glob.glob(os.path.join(os.path.dirname(path), ".*.tmp"))
+            os.remove(temporary)  # prune ran while this writer was stopped (SIGSTOP, a suspended job)
+
+    monkeypatch.setattr(pixel_cache_module, "atomic_write", pruned_meanwhile)
+    path = str(tmp_path / "a.png")
+    pixels("L").save(path)
+    cache = PixelCache(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="pixelz_dist"):
+        assert torch.equal(cache.load(path, "L", as_tensor=True), fast_img_loader(path, "L", as_tensor=True))
+        assert cache.fill(path, "L") == "not stored"
+    assert not caplog.records  # a lost race, not an unwritable folder: later writes are still tried
+    monkeypatch.undo()
+    assert cache.fill(path, "L") == "stored"
 
 
 def test_lossy_files_are_decoded_but_never_stored(tmp_path):

@@ -1,8 +1,9 @@
 """The objects a command-line run trains: model, dataset, optimizer and scheduler, from resolved options.
 
 ``--data DIR [DIR ...]`` gives a :class:`~pixelz_dist.data.multi_images.MultiImgsDataset` over the folders whose
-samples are float tensors in [0, 1] (one per folder, ``C x H x W``, decoded with ``--modes``), so a batch reaches the
-model as ``model(*images)``; resizing, cropping and augmentation belong to a ``--dataset`` factory.
+samples are float tensors in [0, 1] (one per folder, ``C x H x W``, decoded with ``--modes``), except ``label``
+folders: class indices as int64 ``H x W``, never scaled. A batch reaches the model as ``model(*images)``; resizing,
+cropping and augmentation belong to a ``--dataset`` factory.
 Schedulers: ``step`` (``--step-size``, ``--gamma``), ``multistep`` (``--milestones``, ``--gamma``), ``cosine``
 (``T_max`` = the run's length in epochs, or in iterations with ``--schedule-on-iter``; ``--eta-min``) and
 ``onecycle`` (``max_lr`` = ``--lr``, ``total_steps`` = the run's iterations, always stepped per iteration).
@@ -56,6 +57,7 @@ def build_dataset_and_model(opts: Namespace):
 
         from ..data.multi_images import MultiImgsDataset
 
+        # A joint transform: label folders are masks, which ToDtype(float32) leaves alone (only images are scaled).
         dataset = MultiImgsDataset(opts.data, v2.ToDtype(torch.float32, scale=True), modes=opts.modes,
                                    on_error=opts.on_bad_file, cache_dir=opts.cache_dir)
     return model, dataset

@@ -140,9 +140,11 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", metavar="DIR", help="one folder per image of a sample (files pair by name): "
-                   "a MultiImgsDataset giving float tensors in [0, 1], as model(*images)")
-    g.add_argument("--modes", nargs="+", metavar="MODE", help="per --data folder: RGB, L, unchanged or auto "
-                   "(default: auto)")
+                   "a MultiImgsDataset giving float tensors in [0, 1] (label folders: int64 class indices), as "
+                   "model(*images)")
+    g.add_argument("--modes", nargs="+", metavar="MODE", help="per --data folder: RGB, L, unchanged, auto, or label "
+                   "for class-index maps (segmentation targets: int64 H x W, values exactly as stored, never scaled; "
+                   "PNG in mode P, L or I;16, colour and JPEG files refused) (default: auto)")
     g.add_argument("--on-bad-file", choices=("raise", "skip"), default="raise",
                    help="--data: a file that cannot be decoded stops training with its name (raise), or is logged "
                         "once and replaced by the next good sample (skip)")

@@ -28,19 +28,26 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import ConfigError, DataError
+from .labels import LABEL, decode_label
 
-__all__ = ["BACKENDS", "ENV_VAR", "check_mode", "fast_img_loader", "jpeg_backend", "set_jpeg_backend"]
+__all__ = ["BACKENDS", "DECODE_VERSION", "ENV_VAR", "check_mode", "fast_img_loader", "jpeg_backend",
+           "set_jpeg_backend"]
 
 logger = logging.getLogger(__name__)
 
+#: Bumped whenever a change to this module or :mod:`.labels` can change the pixels of a lossless image: the pixel
+#: cache keys its entries on it (:func:`~pixelz_dist.data.pixel_cache.decoder_version`), so it never serves an older
+#: decode.
+DECODE_VERSION = 1
 #: Environment variable read when the backend is first needed: a name from :data:`BACKENDS` or ``auto``.
 ENV_VAR = "PIXELZ_JPEG_BACKEND"
 #: JPEG backends, fastest first as measured by ``benchmarks/decode_throughput.py``; ``pil`` always works.
 BACKENDS = ("simplejpeg", "turbojpeg", "jpeg4py", "pil")
 
 #: Modes beyond Pillow's own: ``auto`` keeps grey and high-bit-depth images and makes the rest RGB (masks and depth
-#: maps stay meaningful); ``unchanged`` keeps the decoded mode (palette masks keep their class indices).
-_SPECIAL_MODES = ("auto", "unchanged")
+#: maps stay meaningful); ``unchanged`` keeps the decoded mode (palette masks keep their class indices); ``label``
+#: reads class-index maps exactly and refuses colour and lossy files (:mod:`.labels`).
+_SPECIAL_MODES = ("auto", "unchanged", LABEL)
 #: Modes the libjpeg-turbo fast path serves; others (CMYK, YCbCr, ...) go through Pillow.
 FAST_MODES = ("RGB", "L", "auto", "unchanged")
 _AUTO_KEEP = frozenset({"L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -126,7 +133,8 @@ def check_mode(mode: str) -> str:
         ConfigError: it does not, with the accepted values.
     """
     if mode not in _SPECIAL_MODES and mode not in _PIL_MODES:
-        raise ConfigError(f"unknown image mode {mode!r}; HINT: use 'RGB', 'L', 'auto', 'unchanged' or a Pillow mode")
+        raise ConfigError(f"unknown image mode {mode!r}; HINT: use 'RGB', 'L', 'auto', 'unchanged', 'label' (class "
+                          "indices) or a Pillow mode")
     return mode
 
 
@@ -292,11 +300,13 @@ def _decode_pil(data: bytes, mode: str, as_tensor: bool, fast_grey: bool, exif: 
             mode = img.mode if img.mode in _AUTO_KEEP else "RGB"
         if mode != "unchanged" and img.mode != mode:
             img = img.convert(mode)
-    if as_tensor:
-        from torchvision.transforms.v2.functional import pil_to_tensor
+    return _pil_to_tensor(img) if as_tensor else img
 
-        return pil_to_tensor(img)
-    return img
+
+def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    return pil_to_tensor(img)
 
 
 def fast_img_loader(
@@ -320,7 +330,9 @@ def fast_img_loader(
     Args:
         path: The image file.
         mode: ``"RGB"``, ``"L"``, ``"auto"`` (keep grey, 16-bit and float images, make everything else RGB),
-            ``"unchanged"`` (as decoded: palette masks keep their indices), or any other Pillow mode.
+            ``"unchanged"`` (as decoded: palette masks keep their indices), ``"label"`` (class indices exactly as
+            stored, as an ``L`` or int32 ``I`` image; colour and lossy files are a ``DataError``: see
+            :mod:`~pixelz_dist.data.labels`), or any other Pillow mode.
         as_tensor: Return a ``C x H x W`` tensor (uint8 for 8-bit modes, as torchvision's ``pil_to_tensor``) straight
             from the decoder's buffer instead of a PIL image.
         fast_grey: With ``mode="L"``, take a colour JPEG's luma plane as stored instead of decoding colour and
@@ -331,7 +343,8 @@ def fast_img_loader(
         A PIL image, or a tensor with ``as_tensor=True``.
 
     Raises:
-        DataError: the file cannot be read or decoded; the message names it and the cause is chained.
+        DataError: the file cannot be read or decoded, or (``mode="label"``) is not a class-index map; the message
+            names it and the cause is chained.
         ConfigError: unknown ``mode`` or ``PIXELZ_JPEG_BACKEND``.
     """
     check_mode(mode)
@@ -357,6 +370,9 @@ def decode_image(
     data: bytes, path: str | os.PathLike[str], mode: str, *, as_tensor: bool, fast_grey: bool = False, exif: bool = True
 ) -> Image.Image | torch.Tensor:
     """:func:`fast_img_loader` on bytes already read (``path`` names the file in errors); ``mode`` already checked."""
+    if mode == LABEL:  # never the JPEG fast path: a JPEG label file is refused, whatever the backend
+        img = decode_label(data, path, exif)
+        return _pil_to_tensor(img) if as_tensor else img
     try:
         decode = _active["decode"]
         if decode is not None and mode in FAST_MODES:

@@ -24,6 +24,7 @@ from ..errors import ConfigError, DataError
 from .crop_plan import Box, CropPlanner
 from .images import check_mode, fast_img_loader, jpeg_backend
 from .jpeg_region import region_decoder_agrees
+from .labels import LABEL, to_label_tensor
 from .pixel_cache import PixelCache
 from .region_sources import open_source
 
@@ -154,13 +155,19 @@ class MultiImgsDataset(Dataset):
     back as plain tensors. Random transforms draw from torch's global RNG, which the training engine seeds per
     batch: augmented runs are reproducible and resumable.
 
+    Class-index maps (segmentation targets) take ``mode="label"`` (:mod:`~pixelz_dist.data.labels`): the stored
+    integers exactly (a palette PNG's indices, not its colours), a mask for a joint transform, and always returned
+    as an **int64** ``H x W`` tensor (a batch: ``B x H x W``), ready for ``F.cross_entropy(logits, target)``. A
+    colour or lossy (JPEG) file in a label folder is a ``DataError`` naming it; a transform that turns a label map
+    into floats is a ``ConfigError``.
+
     Example::
 
         ds = MultiImgsDataset(["data/rgb", "data/hint", "data/mask"],
                               v2.Compose([v2.RandomResizedCrop(256), v2.RandomHorizontalFlip(),
                                           v2.ToDtype(torch.float32, scale=True)]),
-                              modes=["RGB", "L", "L"], kinds=["image", "image", "mask"])
-        rgb, hint, mask = ds[0]  # float 3xHxW, float 1xHxW, uint8 1xHxW; model(*batch) takes a batch of them
+                              modes=["RGB", "L", "label"])
+        rgb, hint, target = ds[0]  # float 3xHxW, float 1xHxW, int64 HxW; model(*batch) takes a batch of them
 
     Args:
         dirs: One folder per image of a sample, in the order ``__getitem__`` returns them.
@@ -168,9 +175,13 @@ class MultiImgsDataset(Dataset):
         loader: ``callable(path) -> image``, or ``callable(path, mode)`` when ``modes`` is given; defaults to
             :func:`~pixelz_dist.images.fast_img_loader` (PIL images, or ``C x H x W`` uint8 tensors for a joint
             transform). Must be picklable for workers: a module-level function or a ``functools.partial`` of one.
-        modes: Per folder, the mode to decode to: ``"RGB"``, ``"L"``, ``"unchanged"``, ``"auto"`` or a Pillow mode.
-            Default: ``"auto"`` for every folder (grey and 16-bit images kept, everything else RGB).
-        kinds: Per folder, ``"image"`` or ``"mask"``, for a joint transform. Default: all ``"image"``.
+        modes: Per folder, the mode to decode to: ``"RGB"``, ``"L"``, ``"unchanged"``, ``"auto"``, ``"label"``
+            (class indices: int64 ``H x W``, see above) or a Pillow mode. Default: ``"auto"`` for every folder (grey
+            and 16-bit images kept, everything else RGB). A per-folder transform of a label folder receives the int64
+            ``H x W`` tensor and must return integers.
+        kinds: Per folder, ``"image"`` or ``"mask"``, for a joint transform. Default: ``"mask"`` for label folders,
+            ``"image"`` for the others; a label folder cannot be an ``"image"``. A ``"mask"`` in another mode keeps
+            its decoded dtype and ``1 x H x W`` shape.
         match: ``"stem"`` or ``"sorted"``.
         on_error: ``"raise"`` (default): a file that cannot be decoded raises a ``DataError`` naming the file and the
             folder. ``"skip"``: log it once and return the next sample (wrapping around) whose files all decode, so
@@ -190,7 +201,8 @@ class MultiImgsDataset(Dataset):
         stems: Per sample, the shared stem (with ``match="sorted"``: the stems of the first folder).
 
     Raises:
-        ConfigError: bad ``dirs``, ``transforms``, ``modes``, ``kinds``, ``match`` or ``on_error``.
+        ConfigError: bad ``dirs``, ``transforms``, ``modes``, ``kinds`` (a label folder of kind image), ``match`` or
+            ``on_error``.
         DataError: a folder is missing or empty, or the folders do not pair up (both are ``ValueError``).
     """
 
@@ -227,10 +239,17 @@ class MultiImgsDataset(Dataset):
         self.loader: Callable[..., Any] = loader if loader is not None else fast_img_loader
         self._pass_mode = loader is None or modes is not None
         self.modes: list[str] = ["auto"] * n if modes is None else _per_folder(modes, n, "modes", self.dirs)
-        self.kinds: list[str] = ["image"] * n if kinds is None else _per_folder(kinds, n, "kinds", self.dirs)
+        self._label_folders = frozenset(k for k, m in enumerate(self.modes) if m == LABEL)
+        self.kinds: list[str] = ([("mask" if k in self._label_folders else "image") for k in range(n)] if kinds is None
+                                 else _per_folder(kinds, n, "kinds", self.dirs))
         bad = [k for k in self.kinds if k not in _KINDS]
         if bad:
             raise ConfigError(f"kinds must each be one of {_KINDS}, got {bad}")
+        images_of_labels = [self.dirs[k] for k in sorted(self._label_folders) if self.kinds[k] == "image"]
+        if images_of_labels:
+            raise ConfigError(f"folder(s) {images_of_labels} have mode 'label' (class indices) but kind 'image', which "
+                              "a joint transform would interpolate and colour-jitter; HINT: give them kind 'mask' "
+                              "(or leave kinds out: label folders are masks)")
         if loader is None:
             for mode in self.modes:
                 check_mode(mode)
@@ -426,11 +445,22 @@ class MultiImgsDataset(Dataset):
         if not 0 <= index < n:
             raise IndexError(f"sample index {index} out of range for {n} samples")
         if self._planner is not None:
-            return self._first_loadable(index, self._cropped_sample)
+            return self._finish_labels(self._first_loadable(index, self._cropped_sample))
         images = self._load_sample(index)
         if self.joint_transform is not None:
-            return self._apply_joint(images)
-        return tuple(img if t is None else t(img) for img, t in zip(images, self.transforms))
+            return self._finish_labels(self._apply_joint(images))
+        if self._label_folders:  # what a label folder's own transform receives: the int64 H x W map
+            images = [self._label(img, k) if k in self._label_folders else img for k, img in enumerate(images)]
+        return self._finish_labels(tuple(img if t is None else t(img) for img, t in zip(images, self.transforms)))
+
+    def _label(self, x: Any, folder: int) -> torch.Tensor:
+        return to_label_tensor(x, f"label folder {self.dirs[folder]!r}")
+
+    def _finish_labels(self, out: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Label folders' outputs as int64 ``H x W``; a float one (rescaled or interpolated) is a ConfigError."""
+        if not self._label_folders or not isinstance(out, tuple) or len(out) != len(self.dirs):
+            return out  # a joint callable that returns something else owns its outputs
+        return tuple(self._label(x, k) if k in self._label_folders else x for k, x in enumerate(out))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dirs={self.dirs!r}, samples={len(self)}, match={self.match!r})"

@@ -7,81 +7,72 @@ arrays against zstd and lz4 row blocks: raw reads fastest; the price is disk, 1 
 16-bit). JPEG and lossy WebP are never stored: libjpeg-turbo decodes them fast, and by region.
 
 An entry is one file ``ROOT/ab/<sha256 of path, mode, exif flag, format version>.px``: a small JSON header (the
-source file's size and ``mtime_ns``, the image's mode, shape, dtype and palette), padded to 64 bytes, then the
-``H x W x C`` array. An edited image gets a new size or ``mtime_ns``, so its entry no longer matches: it is decoded
-again and the same entry file is replaced (one entry per file and mode, however often it is edited). Entries are
-written to a temporary file in the same folder and renamed, so several ranks and DataLoader workers can fill the
-cache at once and a reader never sees a partial entry; a torn or foreign file is a miss and is rewritten. A folder
-that cannot be written (full disk, read-only, permissions) costs one warning per process, after which this process
-only reads the cache: training goes on, with the original pixels.
+source file's path, size, ``mtime_ns``, inode and ``ctime_ns``, the decoder's version, the image's mode, shape, dtype
+and palette), padded to 64 bytes, then the ``H x W x C`` array. Any change of the source file makes its entry a miss:
+it is decoded again and the same entry file is replaced (one entry per file and mode, however often it is edited).
+Size and ``mtime_ns`` alone miss a file rewritten at the same size whose time was put back (``cp -p``, ``tar -x``,
+``rsync -t``, ``os.utime``); the change time cannot be put back (only the kernel sets it, to now, on every write,
+``utime``, rename or ``chmod``) and a file replaced by another has another inode. The price: a copy of the dataset or
+a ``chmod -R`` makes every entry a miss once. Entries of another decoder (:func:`decoder_version`) are misses too.
+
+Entries are written to a temporary file in the same folder and renamed, so several ranks and DataLoader workers can
+fill the cache at once and a reader never sees a partial entry; a torn or foreign file is a miss and is rewritten. A
+folder that cannot be written (full disk, read-only, permissions) costs one warning per process, after which this
+process only reads the cache: training goes on, with the original pixels. :meth:`PixelCache.prune` removes entries
+whose source file is gone, entries of an older format, and temporary files of killed writers
+(``python -m pixelz_dist.prepare --prune``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import struct
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 
 from ..fileio import atomic_write
 from . import images
+from .formats import is_lossless
+from .labels import LABEL, check_lossless
 
-__all__ = ["FORMAT_VERSION", "PixelCache", "is_lossless"]
+__all__ = ["FORMAT_VERSION", "PixelCache", "PruneSummary", "STALE_TEMP_SECONDS", "decoder_version", "is_lossless"]
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the entry layout changes; part of the entry name, so old entries are never misread.
-FORMAT_VERSION = 1
+#: 2: the source's inode, ctime_ns and the decoder's version in the header.
+FORMAT_VERSION = 2
+#: A temporary entry file this old is a killed writer's: a live one writes its file in one go right after decoding,
+#: so its modification time is seconds old. Removing a live writer's file would not harm it either: its rename fails
+#: and that entry is simply not stored (see ``_store``).
+STALE_TEMP_SECONDS = 3600
+_KEY_FIELDS = ("size", "mtime_ns", "ino", "ctime_ns")
 _MAGIC = b"PXZCACHE"
 _PREFIX = struct.Struct("<8sHI")  # magic, format version, length of the JSON header that follows
 _ALIGN = 64  # pixels start on a 64-byte boundary
 _FIRST_READ = 4096  # one read usually covers the whole header (a palette makes it ~1.6 KB)
-#: TIFF compressions (Pillow's names) whose decode is not the stored data: such files are not cached.
-_LOSSY_TIFF = frozenset({"jpeg", "tiff_jpeg", "webp", "jpeg2000"})
 #: Folders this process gave up writing to (one warning each), by absolute path.
 _unwritable: dict[str, str] = {}
 
 
-def is_lossless(data: bytes) -> bool:
-    """Whether the file's content (not its name) is a losslessly stored image worth caching.
+def decoder_version() -> str:
+    """What decodes the pixels this cache stores; an entry written under another is a miss.
 
-    PNG, BMP, GIF, QOI, PNM and TIFF (unless JPEG/WebP-compressed) and lossless WebP are; JPEG, lossy WebP and
-    formats this function does not know are not (they are decoded as usual, never stored).
+    Our decoding code's :data:`~pixelz_dist.data.images.DECODE_VERSION`, and Pillow's version: Pillow decodes every
+    lossless format (JPEGs are never cached) and does the mode conversions (RGB -> L rounding, palettes, 16-bit) and
+    the EXIF rotation, which have changed between its releases; its wheels carry the codecs (zlib, libtiff, libwebp).
+    libjpeg-turbo's version does not matter here, for the same reason.
     """
-    head = data[:16]
-    if head.startswith((b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"qoif")):
-        return True
-    if len(head) > 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
-        return True
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        try:
-            with Image.open(io.BytesIO(data)) as img:  # header only: the compression tag
-                return img.info.get("compression", "raw") not in _LOSSY_TIFF
-        except Exception:
-            return False  # fast_img_loader reports it
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return _webp_lossless(data)
-    return False
-
-
-def _webp_lossless(data: bytes) -> bool:
-    # Top-level chunks: "VP8L" alone is lossless; "VP8 " (lossy), "ANMF" (animation frames) are not cached.
-    pos, seen = 12, set()
-    while pos + 8 <= len(data) and len(seen) < 16:
-        fourcc = data[pos : pos + 4]
-        seen.add(fourcc)
-        pos += 8 + int.from_bytes(data[pos + 4 : pos + 8], "little")
-        pos += pos & 1
-        if fourcc in (b"VP8 ", b"VP8L", b"ANMF"):
-            break
-    return b"VP8L" in seen and b"VP8 " not in seen and b"ANMF" not in seen
+    return f"pixelz_dist decode {images.DECODE_VERSION}; Pillow {PIL.__version__}"
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
@@ -124,8 +115,24 @@ def _row_range(rows: tuple[int, int], height: int) -> tuple[int, int]:
     return top, max(top, bottom)
 
 
+@dataclass
+class PruneSummary:
+    """What :meth:`PixelCache.prune` removed: entries (by why) and temporary files, with their bytes."""
+
+    gone: int = 0  # entries whose source file no longer exists
+    old: int = 0  # entries of another format version, or unreadable
+    entry_bytes: int = 0
+    temps: int = 0  # temporary files of killed writers
+    temp_bytes: int = 0
+
+
+def _is_hex(name: str) -> bool:
+    return all(c in "0123456789abcdef" for c in name)
+
+
 class PixelCache:
-    """Decoded pixels of lossless images under ``root``, keyed by path, size, ``mtime_ns``, mode and EXIF flag.
+    """Decoded pixels of lossless images under ``root``, keyed by path, mode and EXIF flag, checked against the file's
+    size, ``mtime_ns``, inode and ``ctime_ns`` and the decoder's version.
 
     Picklable (it holds the folder name only; every read opens and closes its file), so a dataset holding one can go
     to DataLoader workers and ranks. Any number of processes may fill the same folder at once.
@@ -224,17 +231,80 @@ class PixelCache:
         key = self._source_key(path)
         data = images.read_image_file(path)
         if key is None or not is_lossless(data):
+            if mode == LABEL:
+                check_lossless(data, path)  # a lossy label file is refused here, as training would refuse it
             return "not lossless"  # not decoded either: a JPEG is checked when training reads it, as always
         images.jpeg_backend()
         return "stored" if self._decode_and_store(path, mode, exif, key, data)[2] else "not stored"
 
+    def prune(self, temp_age: float = STALE_TEMP_SECONDS) -> PruneSummary:
+        """Remove what no reader will use again; for ``python -m pixelz_dist.prepare --prune``.
+
+        That is: entries whose source file is gone (the path in their header no longer exists), entries of another
+        format version or that cannot be read, and temporary files not modified for ``temp_age`` seconds (left by a
+        killed writer; see :data:`STALE_TEMP_SECONDS`). Only the files this cache writes are looked at (``ab/<32 hex
+        digits>.px`` and their hidden ``.tmp`` files); an entry whose source cannot be checked (permission denied, a
+        stale NFS handle, an I/O error) is kept. Run it where every source path is visible: an entry of a folder that
+        is not mounted here counts as gone. Safe while other processes read and fill the cache.
+        """
+        summary, now = PruneSummary(), time.time()
+        try:
+            with os.scandir(self.root) as it:
+                folders = [e.path for e in it
+                           if len(e.name) == 2 and _is_hex(e.name) and e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return summary
+        for folder in folders:
+            with os.scandir(folder) as it:
+                files = [e for e in it if e.is_file(follow_symlinks=False)]
+            for e in files:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    if e.name.endswith(".px") and len(e.name) == 35 and _is_hex(e.name[:32]):
+                        why = self._prune_reason(e.path)
+                        if why is None:
+                            continue
+                        os.unlink(e.path)
+                        setattr(summary, why, getattr(summary, why) + 1)
+                        summary.entry_bytes += st.st_size
+                    elif e.name.startswith(".") and e.name.endswith(".tmp") and ".px." in e.name:
+                        if now - st.st_mtime < temp_age:
+                            continue  # a live writer's, possibly
+                        os.unlink(e.path)
+                        summary.temps += 1
+                        summary.temp_bytes += st.st_size
+                except FileNotFoundError:
+                    continue  # replaced or removed meanwhile
+        return summary
+
+    @classmethod
+    def _prune_reason(cls, entry: str) -> str | None:
+        """``"gone"`` (its source file no longer exists), ``"old"`` (another format, or unreadable) or ``None``."""
+        fd = os.open(entry, os.O_RDONLY)
+        try:
+            parsed = cls._header(fd)
+        except Exception:
+            parsed = None
+        finally:
+            os.close(fd)
+        if parsed is None or not isinstance(parsed[0].get("path"), str):
+            return "old"
+        try:
+            os.stat(parsed[0]["path"])
+        except (FileNotFoundError, NotADirectoryError):
+            return "gone"
+        except OSError:
+            return None  # cannot tell: keep it
+        return None
+
     # -- reading ------------------------------------------------------------------------------------------------------
-    def _source_key(self, path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    def _source_key(self, path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+        """The source file's state, in the order of ``_KEY_FIELDS``; ``None`` when it cannot be stat'ed."""
         try:
             st = os.stat(path)
         except OSError:
             return None
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
     def _open_entry(self, path, mode: str, exif: bool) -> tuple[int, dict, int] | None:
         """``(fd, header, pixel offset)`` of a current, whole entry, or ``None``. The caller closes ``fd``."""
@@ -250,7 +320,8 @@ class PixelCache:
             if parsed is not None:
                 meta, offset = parsed
                 if (meta.get("path") == os.path.abspath(os.fspath(path)) and meta.get("mode") == mode
-                        and meta.get("exif") == exif and (meta.get("size"), meta.get("mtime_ns")) == key):
+                        and meta.get("exif") == exif and tuple(meta.get(k) for k in _KEY_FIELDS) == key
+                        and meta.get("decoder") == decoder_version()):
                     return fd, meta, offset
         except Exception as exc:  # an unreadable or foreign file is a miss, never an error
             logger.debug("pixel cache entry for %r unreadable (%s: %s)", os.fspath(path), type(exc).__name__, exc)
@@ -296,7 +367,7 @@ class PixelCache:
             os.close(fd)
 
     # -- writing ------------------------------------------------------------------------------------------------------
-    def _decode_and_store(self, path, mode: str, exif: bool, key: tuple[int, int], data: bytes
+    def _decode_and_store(self, path, mode: str, exif: bool, key: tuple[int, ...], data: bytes
                           ) -> tuple[Image.Image, np.ndarray, bool]:
         """fast_img_loader's PIL image of a lossless file, its array, and whether the entry was written."""
         img = images.decode_image(data, path, mode, as_tensor=False, exif=exif)
@@ -304,9 +375,9 @@ class PixelCache:
         stored = self.root not in _unwritable and self._store(path, mode, exif, key, img, arr)
         return img, arr, stored
 
-    def _store(self, path, mode: str, exif: bool, key: tuple[int, int], img: Image.Image, arr: np.ndarray) -> bool:
-        meta = {"path": os.path.abspath(os.fspath(path)), "size": key[0], "mtime_ns": key[1], "mode": mode,
-                "exif": exif, "pil_mode": img.mode, "shape": [arr.shape[0], arr.shape[1], arr[0, 0].size],
+    def _store(self, path, mode: str, exif: bool, key: tuple[int, ...], img: Image.Image, arr: np.ndarray) -> bool:
+        meta = {"path": os.path.abspath(os.fspath(path)), **dict(zip(_KEY_FIELDS, key)), "decoder": decoder_version(),
+                "mode": mode, "exif": exif, "pil_mode": img.mode, "shape": [arr.shape[0], arr.shape[1], arr[0, 0].size],
                 "channels_axis": arr.ndim == 3, "dtype": arr.dtype.str, "palette": None, "palette_mode": None}
         if img.mode in ("P", "PA") and img.palette is not None:
             meta["palette_mode"] = img.palette.mode
@@ -322,6 +393,9 @@ class PixelCache:
                 f.write(prefix)
                 f.write(np.ascontiguousarray(arr).data)
             return True
+        except FileNotFoundError as exc:  # our temporary file or folder was pruned meanwhile: a lost race, not a fault
+            logger.debug("pixel cache entry for %r not stored (%s)", os.fspath(path), exc)
+            return False
         except OSError as exc:
             _unwritable[self.root] = f"{type(exc).__name__}: {exc.strerror or exc}"
             logger.warning(

@@ -16,7 +16,7 @@ Pseudocode of one run::
     final snapshot; callbacks.on_train_end
 
 Who owns what: the data position is the batch source's (``data/``), placement and wrapping
-:class:`~pixelz_dist.distributed.prepare.PreparedModel`'s, snapshots the
+:class:`~pixelz_dist.distributed.model_wrapping.PreparedModel`'s, snapshots the
 :class:`~pixelz_dist.checkpoint.checkpointer.Checkpointer`'s (over the parts listed in :meth:`Engine._parts`),
 requests :class:`~pixelz_dist.engine.requests.Requests`', the log line the
 :class:`~pixelz_dist.engine.report.Reporter`'s. The loop only moves batches and counts iterations.
@@ -45,8 +45,8 @@ from ..data.dataset_source import DatasetSource
 from ..data.device_feed import DeviceFeed
 from ..data.user_loader import UserLoaderSource
 from ..distributed.env import collective_device, default_num_workers, is_initialized, read_env, sum_over_ranks
+from ..distributed.model_wrapping import prepare_model
 from ..distributed.preemption import Interrupted, Preempted, PreemptionFlag
-from ..distributed.prepare import prepare_model
 from ..errors import PixelzError
 from ..fileio import AppendFile
 from .model_call import call_model, extract_loss

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 from test_pixel_cache import _folders
+from torchvision.transforms import v2
 
-from pixelz_dist.cli.prepare import main
+from pixelz_dist.cli.fill_cache import main
 from pixelz_dist.data.images import fast_img_loader
 from pixelz_dist.data.pixel_cache import PixelCache
 from pixelz_dist.errors import PixelzError
@@ -92,9 +93,84 @@ def _killed(job):
 
 
 def test_a_killed_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
-    from pixelz_dist.cli import prepare as prepare_module
+    from pixelz_dist.cli import fill_cache as fill_cache_module
 
     dirs = _folders(tmp_path)
-    monkeypatch.setattr(prepare_module, "_fill_one", _killed)  # the forked workers inherit it
+    monkeypatch.setattr(fill_cache_module, "_fill_one", _killed)  # the forked workers inherit it
     with pytest.raises(PixelzError, match="a worker process died"):
-        prepare_module.prepare_cache(dirs[1:], str(tmp_path / "cache"), workers=2, progress=False)
+        fill_cache_module.prepare_cache(dirs[1:], str(tmp_path / "cache"), workers=2, progress=False)
+
+
+def test_every_console_script_names_a_callable():
+    """pyproject's [project.scripts] (``pixelz-prepare`` and the others) point at functions that exist."""
+    import importlib
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["pixelz-prepare"] == "pixelz_dist.prepare:main"
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+def test_a_same_size_rewrite_with_its_time_put_back_is_stored_again_and_trained_on(tmp_path, capsys):
+    from test_pixel_cache import _after_a_clock_tick, pixels
+
+    from pixelz_dist.data import MultiImgsDataset
+
+    dirs = _folders(tmp_path)
+    hint = os.path.join(dirs[1], "2.png")
+    pixels("L", seed=1, h=46, w=46).save(hint, "PNG", compress_level=0)  # no compression: the size is the shape's
+    pixels("P", seed=1, h=46, w=46).save(os.path.join(dirs[2], "2.png"))
+    pixels("RGB", seed=1, h=46, w=46).save(os.path.join(dirs[0], "2.jpg"))
+    cache = str(tmp_path / "cache")
+    args = ["--data", *dirs, "--modes", *MODES, "--cache-dir", cache, "--no-progress", "--workers", "1"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("12 cached, 0 already current")
+    st = os.stat(hint)
+    _after_a_clock_tick(dirs[1], st)
+    pixels("L", seed=2, h=46, w=46).save(hint, "PNG", compress_level=0)
+    os.utime(hint, ns=(st.st_atime_ns, st.st_mtime_ns))  # cp -p, tar -x, rsync -t
+    assert (os.stat(hint).st_size, os.stat(hint).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("1 cached, 11 already current")
+    new = fast_img_loader(hint, "L", as_tensor=True)
+    ds = MultiImgsDataset(dirs, v2.RandomCrop(46), modes=MODES, kinds=["image", "image", "mask"], cache_dir=cache)
+    assert torch.equal(ds[2][1], new)
+
+
+def test_prune_then_fill_and_prune_alone(tmp_path, capsys):
+    import time
+
+    dirs = _folders(tmp_path)
+    cache = str(tmp_path / "cache")
+    args = ["--data", *dirs, "--modes", *MODES, "--cache-dir", cache, "--no-progress", "--workers", "1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    gone = [os.path.join(dirs[1], "5.png"), os.path.join(dirs[2], "5.png")]
+    gone_bytes = sum(os.path.getsize(PixelCache(cache).entry_path(p, m)) for p, m in zip(gone, MODES[1:]))
+    for folder in dirs:
+        for name in os.listdir(folder):
+            if name.startswith("5."):
+                os.remove(os.path.join(folder, name))
+    killed = os.path.join(cache, "00", ".00000000000000000000000000000000.px.dead.tmp")
+    os.makedirs(os.path.dirname(killed), exist_ok=True)
+    with open(killed, "wb") as f:
+        f.write(b"\0" * 2048)
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
+    assert main([*args, "--prune"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"pruned 2 entries ({gone_bytes / 1024:.1f} KiB): 2 of files that are gone, 0 of an older "
+                      "format or unreadable; 1 temporary files of killed writers (2.0 KiB)"), out
+    assert out[1].startswith("0 cached, 10 already current, 5 not lossless (skipped), 0 failed;"), out
+    assert not os.path.exists(killed)
+    assert main(["--cache-dir", cache, "--prune"]) == 0  # no --data: prune only
+    assert capsys.readouterr().out.startswith("pruned 0 entries (0.0 KiB): 0 of files that are gone")
+    with pytest.raises(SystemExit) as info:
+        main(["--cache-dir", cache])
+    assert info.value.code == 2 and "--data (or --prune)" in capsys.readouterr().err

@@ -3,7 +3,9 @@
 The folders are paired exactly as training pairs them (a :class:`~pixelz_dist.data.multi_images.MultiImgsDataset`
 is built over them, so a missing partner fails here as it would there) and each folder's images are stored in the
 mode it trains with (``--modes``, default ``auto``, as ``python -m pixelz_dist.train``). Files whose entry is already
-current are skipped, so running it again after adding or editing images stores only those.
+current are skipped, so running it again after adding or editing images stores only those. ``--prune`` first
+removes what no reader will use again (:meth:`~pixelz_dist.data.pixel_cache.PixelCache.prune`): entries of files that
+are gone, of an older format, and temporary files of killed writers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, DataError, PixelzError
 
-__all__ = ["PrepareSummary", "build_parser", "main", "prepare_cache"]
+__all__ = ["PrepareSummary", "build_parser", "main", "prepare_cache", "prune_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +41,36 @@ class PrepareSummary:
     cache_bytes: int = 0
 
     def line(self, root: str) -> str:
-        size = (f"{self.cache_bytes / 2**20:.1f} MiB" if self.cache_bytes >= 2**20 else
-                f"{self.cache_bytes / 2**10:.1f} KiB")
         return (f"{self.stored} cached, {self.current} already current, {self.not_lossless} not lossless (skipped), "
-                f"{len(self.failed)} failed; {root} holds {size}")
+                f"{len(self.failed)} failed; {root} holds {_size(self.cache_bytes)}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def prune_line(pruned) -> str:
+    """What :meth:`~pixelz_dist.data.pixel_cache.PixelCache.prune` removed, in one line."""
+    return (f"pruned {pruned.gone + pruned.old} entries ({_size(pruned.entry_bytes)}): {pruned.gone} of files that "
+            f"are gone, {pruned.old} of an older format or unreadable; {pruned.temps} temporary files of killed "
+            f"writers ({_size(pruned.temp_bytes)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pixelz_dist.prepare", description="Fill a pixel cache ahead of "
                                 "training: every lossless image of the --data folders, decoded once, in parallel. "
                                 "Exit 0 when done, 2 on bad options or folders, or files that failed (named).")
-    p.add_argument("--data", nargs="+", required=True, metavar="DIR",
-                   help="the training --data folders (one per image of a sample)")
+    p.add_argument("--data", nargs="+", metavar="DIR",
+                   help="the training --data folders (one per image of a sample); may be left out with --prune")
     p.add_argument("--cache-dir", required=True, metavar="CACHE", help="the cache folder training gets as --cache-dir")
     p.add_argument("--modes", nargs="+", metavar="MODE",
-                   help="per --data folder, as for training: RGB, L, unchanged or auto (default: auto)")
+                   help="per --data folder, as for training: RGB, L, unchanged, auto or label (default: auto)")
     p.add_argument("--workers", type=int, metavar="N",
                    help=f"processes decoding at once (default: the CPUs this process may use, at most {MAX_WORKERS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    p.add_argument("--prune", action="store_true", help="first remove entries whose image file is gone (run it where "
+                   "all the data is mounted), entries of an older format, and temporary files of killed writers "
+                   "(untouched for an hour); then fill, if --data is given")
     return p
 
 
@@ -180,9 +194,22 @@ def main(argv=None) -> int:
     """``python -m pixelz_dist.prepare``: exit 0 when every file is cached (or needs no cache), 2 otherwise."""
     from .options import error_line, setup_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.data and not args.prune:
+        parser.error("the following arguments are required: --data (or --prune)")
     setup_logging()
     try:
+        if args.prune:
+            from ..data.pixel_cache import PixelCache
+
+            try:
+                print(prune_line(PixelCache(args.cache_dir).prune()))
+            except OSError as exc:  # a folder or file of the cache this user may not remove
+                raise PixelzError(f"cannot prune the cache {args.cache_dir!r}: {exc}; HINT: run it as the user who "
+                                  "fills the cache, or fix the folder's permissions") from exc
+        if not args.data:
+            return 0
         summary = prepare_cache(args.data, args.cache_dir, args.modes, args.workers, progress=not args.no_progress)
     except PixelzError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
