@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .crop_plan import Box, CropPlanner
+from .folder_listing import IMAGE_EXTENSIONS, match_by_stem, match_sorted, natural_key, scan_folder, scan_images
 from .images import check_mode, fast_img_loader, jpeg_backend
 from .jpeg_region import region_decoder_agrees
 from .labels import LABEL, to_label_tensor
@@ -32,9 +32,6 @@ __all__ = ["IMAGE_EXTENSIONS", "MultiImgsDataset", "natural_key", "pil_loader", 
 
 logger = logging.getLogger(__name__)
 
-#: Lower-case extensions treated as images; anything else in a folder is ignored.
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-
 #: Modes :func:`pil_loader` keeps as they are, so grey and high-bit-depth images are not inflated to 8-bit RGB.
 _KEEP_MODES = frozenset({"L", "I", "F"})
 
@@ -42,25 +39,6 @@ _MATCH_MODES = ("stem", "sorted")
 _ON_ERROR = ("raise", "skip")
 _CROP_DECODE = ("exact", "scaled", "off")
 _KINDS = ("image", "mask")
-_MAX_LISTED = 5
-_DIGITS = re.compile(r"\d+")
-
-
-def _pad_digits(m: re.Match) -> str:
-    digits = m.group().lstrip("0") or "0"
-    return f"{len(digits):03d}{digits}"  # length first, so string order is numeric order
-
-
-def natural_key(name: str) -> str:
-    """Sort key under which ``img2`` comes before ``img10``, as people number files.
-
-    Letters compare case-insensitively; the raw name breaks ties so the order is total and stable. The key is one
-    string (digit runs rewritten as length + digits) because comparing strings is several times faster than
-    comparing tuples, which matters when sorting 100 000 names.
-    """
-    return _DIGITS.sub(_pad_digits, name.lower()) + "\x00" + name
-
-
 def pil_loader(path: str) -> Image.Image:
     """Open an image with Pillow, fully decoded so the file handle is closed on return.
 
@@ -73,47 +51,6 @@ def pil_loader(path: str) -> Image.Image:
         if img.mode in _KEEP_MODES or img.mode.startswith("I;16"):
             return img
         return img.convert("RGB")
-
-
-def _scan(folder: str) -> list[str]:
-    # Unsorted: with stem matching only the first folder's stems need sorting.
-    try:
-        with os.scandir(folder) as it:
-            names = [
-                e.name
-                for e in it
-                # rfind rather than os.path.splitext: this runs once per name, 100 000s of times.
-                if e.name[0] != "." and e.name[e.name.rfind(".") :].lower() in IMAGE_EXTENSIONS and e.is_file()
-            ]
-    except FileNotFoundError as exc:
-        raise DataError(f"image folder {folder!r} does not exist") from exc
-    except NotADirectoryError as exc:
-        raise DataError(f"image folder {folder!r} is not a directory") from exc
-    if not names:
-        raise DataError(f"image folder {folder!r} holds no image files (extensions: {sorted(IMAGE_EXTENSIONS)})")
-    return names
-
-
-def scan_images(folder: str) -> list[str]:
-    """Names of the image files directly inside ``folder``, in natural order.
-
-    Hidden files (leading dot) and non-images are skipped, which also ignores editors' and writers' temp files.
-
-    Raises:
-        DataError: the folder does not exist, is not a directory, or holds no image.
-    """
-    return sorted(_scan(folder), key=natural_key)
-
-
-def _stem(name: str) -> str:
-    # Only called on names that passed the extension filter, so a dot is always there and not leading.
-    return name[: name.rfind(".")]
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(repr(s) for s in items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return shown + (f" (and {more} more)" if more > 0 else "")
 
 
 def _per_folder(value: Any, n: int, what: str, dirs: list[str]) -> list:
@@ -264,11 +201,11 @@ class MultiImgsDataset(Dataset):
             self._planner = planner if planner.supported else None
         self._regions = self._planner is not None and region_decoder_agrees()
 
-        names = [_scan(d) for d in self.dirs]
+        names = [scan_folder(d) for d in self.dirs]
         if match == "stem":
-            self.stems, per_folder = self._match_by_stem(names)
+            self.stems, per_folder = match_by_stem(self.dirs, names)
         else:
-            self.stems, per_folder = self._match_sorted(names)
+            self.stems, per_folder = match_sorted(self.dirs, names)
         # os.path.join(d, "") appends the separator exactly as os.path.join(d, name) would; concatenation is faster.
         self.files: list[list[str]] = [
             [prefix + name for name in folder_names]
@@ -297,45 +234,6 @@ class MultiImgsDataset(Dataset):
         for i, t in enumerate(self.transforms):
             if t is not None and not callable(t):
                 raise ConfigError(f"transform {i} (for folder {self.dirs[i]!r}) is not callable: {t!r}")
-
-    def _match_by_stem(self, names: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-        by_stem: list[dict[str, str]] = []
-        for d, folder_names in zip(self.dirs, names):
-            mapping = {_stem(n): n for n in folder_names}
-            if len(mapping) != len(folder_names):
-                seen: dict[str, str] = {}
-                dups = []
-                for n in sorted(folder_names, key=natural_key):
-                    s = _stem(n)
-                    if s in seen:
-                        dups.append(f"{seen[s]} / {n}")
-                    seen[s] = n
-                raise DataError(
-                    f"folder {d!r} holds several images with the same stem, so they cannot be paired: {_listing(dups)}"
-                )
-            by_stem.append(mapping)
-
-        reference = by_stem[0].keys()
-        if any(m.keys() != reference for m in by_stem[1:]):
-            every = set().union(*(m.keys() for m in by_stem))
-            counts = ", ".join(f"{d!r} has {len(m)} files" for d, m in zip(self.dirs, by_stem))
-            missing = "; ".join(
-                f"missing from {d!r}: {_listing(sorted(every - m.keys(), key=natural_key))}"
-                for d, m in zip(self.dirs, by_stem)
-                if len(m) != len(every)
-            )
-            raise DataError(f"image folders do not hold the same file stems: {counts}; {missing}")
-
-        stems = sorted(reference, key=natural_key)
-        return stems, [[m[s] for s in stems] for m in by_stem]
-
-    def _match_sorted(self, names: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-        counts = [len(n) for n in names]
-        if len(set(counts)) != 1:
-            listed = ", ".join(f"{d!r} has {c} files" for d, c in zip(self.dirs, counts))
-            raise DataError(f"image folders hold different numbers of files (match='sorted'): {listed}")
-        names = [sorted(n, key=natural_key) for n in names]
-        return [_stem(n) for n in names[0]], names
 
     def __len__(self) -> int:
         return len(self.stems)
