@@ -15,7 +15,8 @@ killed (SIGKILL: usually out of memory) or exited with an error (one line ``erro
 fewer ``--workers`` or more memory, then ``--resume auto``), 75 preempted after a snapshot (start again with
 ``--resume auto``), 130 interrupted (Ctrl-C: after a snapshot; twice: at once). The codes live in
 :mod:`pixelz_dist.errors` (``PixelzError.exit_code``, :data:`~pixelz_dist.errors.WORKER_DIED_EXIT_CODE`) and
-:mod:`pixelz_dist.distributed.preemption`.
+:mod:`pixelz_dist.distributed.preemption`. Under torchrun the ``error:`` line names the rank that failed
+(``error: [rank 1] ...``).
 """
 
 from __future__ import annotations

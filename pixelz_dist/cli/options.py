@@ -78,11 +78,12 @@ STEP_OPTIONS = (
 def error_line(error: BaseException) -> str:
     """The message of ``error`` for one ``error: ...`` line: an error raised in a DataLoader worker reaches the main
     process wrapped in the worker's traceback (``Caught DataError in DataLoader worker process 0 ...``): its own
-    message is the last part of it."""
+    message is the last part of it. Under torchrun it starts with the rank (``[rank 1] ...``)."""
     text = str(error)
     if text.startswith("Caught ") and "Original Traceback" in text:
         text = text.rsplit(f"{type(error).__name__}: ", 1)[-1].strip()
-    return text
+    env = read_env()
+    return f"[rank {env.rank}] {text}" if env.is_distributed else text  # which rank failed, in a job's merged output
 
 
 def step_options(opts: argparse.Namespace) -> dict:
