@@ -19,10 +19,11 @@ Why the store, and not each rank writing ``[rank N] ...`` to its own stderr:
   flush, at the latest on its own way out (a dead peer makes its next collective fail). Only a rank 0 killed outright
   (SIGKILL, a crash in native code) loses them, and its own lines with them.
 - DataLoader workers are forked: they inherit the relay but not a usable connection (a socket shared across fork is
-  not usable), so each process opens its own the first time it logs (:func:`_client`, keyed by pid).
+  not usable), so each process opens its own the first time it logs (:func:`job_store`, keyed by pid).
 - Rank 0 prints at points every rank has passed together (each follows a collective: DDP's broadcast at the start,
-  the step's gradient all-reduce, a barrier at the end), so the same message logged at the same place of the program
-  on every rank is in the store by then and meets its copies in one line.
+  the log line's sum over ranks, the last step's gradient all-reduce at an epoch's end, a barrier at the end), so the
+  same message logged at the same place of the program on every rank is in the store by then and meets its copies
+  in one line.
 - The user's logging configuration is kept: rank 0 re-emits each merged line as a record of the logger that logged
   it (its level, the time of its first occurrence), through that logger's handlers and the root's.
 - Keys live under ``pixelz_dist/logs/attempt_{TORCHELASTIC_RESTART_COUNT}/call_{n}``: a restarted job must not meet
