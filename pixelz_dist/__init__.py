@@ -16,7 +16,15 @@ from .engine.multigpu import train_model_multigpu
 from .engine.param_groups import make_param_groups
 from .engine.state import TrainState
 from .engine.train_model import train_model
-from .errors import ConfigError, DataError, NondeterministicOp, PixelzError, SnapshotError
+from .errors import (
+    WORKER_DIED_EXIT_CODE,
+    ConfigError,
+    DataError,
+    NondeterministicOp,
+    PixelzError,
+    SnapshotError,
+    WorkerDied,
+)
 from .lr_finder.multigpu import find_lr_multigpu
 from .lr_finder.result import LRFinderResult
 from .lr_finder.search import find_lr
@@ -26,7 +34,8 @@ _moved.install()
 __all__ = ["train_model", "train_model_multigpu", "find_lr", "find_lr_multigpu", "LRFinderResult",
            "make_param_groups", "MultiImgsDataset", "fast_img_loader", "set_jpeg_backend",
            "Callback", "TrainState", "compare_order_records", "Preempted", "PREEMPTION_EXIT_CODE",
-           "PixelzError", "ConfigError", "DataError", "SnapshotError", "NondeterministicOp", "__version__"]
+           "PixelzError", "ConfigError", "DataError", "SnapshotError", "NondeterministicOp", "WorkerDied",
+           "WORKER_DIED_EXIT_CODE", "__version__"]
 
 
 def __getattr__(name: str):

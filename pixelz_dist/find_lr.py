@@ -2,7 +2,8 @@
 
 The model, data and optimizer options (and ``--config`` files) are the training command's, so the suggestion is for
 the run you will start; training-only keys of a config file are ignored. The suggestion goes to stdout; progress
-(one line per run, or a bar on a terminal) to stderr.
+(one line per run, or a bar on a terminal) to stderr. Exit codes: 0 a suggestion, 1 none (or a bug, with its
+traceback), and the training command's for the rest: 2 bad input, 71 a DataLoader worker was killed, 130 Ctrl-C.
 
 Examples::
 
@@ -54,8 +55,7 @@ def main(argv=None) -> int:
                         stop_on_divergence=opts.stop_on_divergence, seed=opts.seed, num_workers=opts.workers,
                         callbacks=[saver], train_kwargs=cli.step_options(opts))
     except PixelzError as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.report_error(e)
     except KeyboardInterrupt:  # the finder's runs are short: Ctrl-C ends it (an Interrupted one is a KeyboardInterrupt)
         print("stopped (Ctrl-C): no result written", file=sys.stderr)
         return INTERRUPT_EXIT_CODE

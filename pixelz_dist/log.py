@@ -1,7 +1,9 @@
-"""The ``pixelz_dist`` logger hierarchy: a handler when the application set none, rank-0-only output under torchrun.
+"""The ``pixelz_dist`` logger hierarchy: a handler when the application set none, filters on the library's loggers,
+the rank in a record's message.
 
 Every module logs through ``logging.getLogger(__name__)``, so one ``logging.getLogger("pixelz_dist").setLevel(...)``
-sets the whole library and a filter can pick records by module (``record.name``), never by file name.
+sets the whole library and a filter can pick records by module (``record.name``), never by file name. Under torchrun
+the relay of :mod:`pixelz_dist.distributed.log_relay` decides which rank prints what.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ def ensure_handler() -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+    rank = _rank_in_job()
+    if rank:  # a line printed by a rank other than 0 says so (its warnings outside train_model, its errors)
+        handler.addFilter(RankTag(rank))
     logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
@@ -52,26 +57,30 @@ def filtering(log_filter: logging.Filter, *modules: str):
             lg.removeFilter(log_filter)
 
 
-class RankFilter(logging.Filter):
-    """Rank 0's records only, unless every rank was asked to log (then each record names its rank)."""
+def tag_rank(record: logging.LogRecord, rank) -> None:
+    """Start the record's message with ``[rank N]`` (or the ranks given, ``"ranks 1,3-5"``), once."""
+    if getattr(record, "pixelz_ranks", None) is None:
+        label = f"rank {rank}" if isinstance(rank, int) else rank
+        record.msg, record.args = f"[{label}] {record.getMessage()}", None
+        record.pixelz_ranks = label
 
-    def __init__(self, rank: int, all_ranks: bool = False):
+
+class RankTag(logging.Filter):
+    """Tags every record it sees with this process's rank (see :func:`tag_rank`); lets all through."""
+
+    def __init__(self, rank: int):
         super().__init__()
         self.rank = rank
-        self.all_ranks = all_ranks
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.all_ranks:
-            record.msg = f"[rank {self.rank}] {record.msg}"
-            return True
-        return self.rank == 0
+        tag_rank(record, self.rank)
+        return True
 
 
-@contextmanager
-def rank_logging(rank: int, world_size: int):
-    """While active, only rank 0 logs (all ranks, each line prefixed, with PIXELZ_LOG_ALL_RANKS=1)."""
-    if world_size <= 1:
-        yield
-        return
-    with filtering(RankFilter(rank, os.environ.get("PIXELZ_LOG_ALL_RANKS") == "1")):
-        yield
+def _rank_in_job() -> int:
+    """RANK when this process is one of several (WORLD_SIZE > 1), else 0. Read here, not through
+    :mod:`pixelz_dist.distributed.env`, which needs a valid environment: logging must work without one."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0

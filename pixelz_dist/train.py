@@ -10,8 +10,13 @@ Examples::
 
 Options come from the command line, a ``--config`` TOML file and the defaults, in that order of precedence; the
 resolved configuration is saved to ``{snapshot_prefix}_config.toml`` when training starts (after every check). Exit
-codes: 0 done, 2 usage error or bad input (one line ``error: ...``), 75 preempted after a snapshot (start again with
-``--resume auto``), 130 interrupted (Ctrl-C: after a snapshot; twice: at once).
+codes: 0 done, 1 a bug (a traceback), 2 usage error or bad input (one line ``error: ...``), 71 a DataLoader worker was
+killed (SIGKILL: usually out of memory) or exited with an error (one line ``error: DataLoader worker N (pid P) ...``;
+fewer ``--workers`` or more memory, then ``--resume auto``), 75 preempted after a snapshot (start again with
+``--resume auto``), 130 interrupted (Ctrl-C: after a snapshot; twice: at once). The codes live in
+:mod:`pixelz_dist.errors` (``PixelzError.exit_code``, :data:`~pixelz_dist.errors.WORKER_DIED_EXIT_CODE`) and
+:mod:`pixelz_dist.distributed.preemption`. Under torchrun the ``error:`` line names the rank that failed
+(``error: [rank 1] ...``).
 """
 
 from __future__ import annotations
@@ -69,8 +74,7 @@ def main(argv=None) -> int:
                     load_snapshot_path=opts.resume, schedule_on_iter=opts.schedule_on_iter, seed=opts.seed,
                     num_workers=opts.workers, callbacks=callbacks, **passed, **cli.step_options(opts))
     except PixelzError as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.report_error(e)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return INTERRUPT_EXIT_CODE

@@ -17,6 +17,7 @@ from conftest import DIST_VARS, TESTS
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 from pixelz_dist.checkpoint.order_record import compare_order_records, read_order_record
 from pixelz_dist.distributed.preemption import PREEMPTION_EXIT_CODE
+from test_failures import image_folders
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch, beside python
 JOB = os.path.join(TESTS, "jobs", "dist_job.py")
@@ -252,8 +253,8 @@ def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path):
     os.kill(pid, signal.SIGUSR1)
     output, _ = proc.communicate(timeout=120)
     assert [open(out / f"exit{r}").read() for r in range(2)] == [str(PREEMPTION_EXIT_CODE)] * 2, output
-    assert "preemption: SIGUSR1 received" not in output  # rank 0 logs, and rank 0 learnt it from rank 1
-    assert "preemption: a signal received on another rank" in output
+    assert "[rank 1] preemption: SIGUSR1 received" in output  # every rank's warnings reach the output, named
+    assert "[rank 0] preemption: a signal received on another rank" in output  # rank 0 learnt it from rank 1
     (stopped_at, path), = list_snapshots(prefix)
     assert stopped_at < 200
     assert len(load_snapshot(path)["rng"]) == 2
@@ -296,6 +297,45 @@ def test_a_hung_peer_fails_the_job_after_the_collective_timeout(tmp_path):
                     pass
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# -- warnings and errors of every rank ------------------------------------------------------------------------------
+def torchrun_cli(args, cwd, timeout=180):
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pixelz_dist.train", *args],
+                          env=job_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("on_bad_file,workers", [("skip", 0), ("skip", 2), ("raise", 2)])
+def test_a_bad_file_in_rank_1s_shard_is_reported_once_with_its_rank(tmp_path, on_bad_file, workers):
+    """Sample 5 is corrupt; without shuffling, global batch 8 = rank 0 takes 0-3, rank 1 takes 4-7: only rank 1 (or
+    one of its DataLoader workers) reads it. Today's rank-0-only logging never showed rank 1's warning."""
+    folders = image_folders(tmp_path, n=16, bad=5)
+    proc = torchrun_cli(["--model", "slow_data:TwoFolderNet", "--data", *folders, "--on-bad-file", on_bad_file,
+                         "--workers", str(workers), "--iters", "2", "--batch-size", "4", "--no-shuffle"],
+                        cwd=os.path.join(TESTS, "jobs"))
+    output = (proc.stdout + proc.stderr).splitlines()  # the job's merged output, as a log file gets it
+    if on_bad_file == "skip":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        skipped = [line for line in output if "skipping sample 5" in line]
+        assert len(skipped) == 1, skipped
+        assert "WARNING [rank 1] skipping sample 5 (on_error='skip'): cannot decode image" in skipped[0]
+        assert sum("training TwoFolderNet" in line for line in output) == 1  # INFO: rank 0 alone, as before
+    else:
+        assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's code for a failed worker
+        errors = [line for line in output if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: [rank 1] cannot decode image"), errors
+        assert "005.jpg" in errors[0]
+
+
+def test_a_warning_of_every_rank_is_shown_once_naming_the_ranks(tmp_path):
+    prefix = str(tmp_path / "s")
+    first = torchrun({"num_iters": 4, "interval": 2, "prefix": prefix})
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun({"num_iters": 6, "iter_size": 2, "prefix": prefix, "resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resuming with iter_size 1 -> 2" in line]
+    assert len(said) == 1, said  # logged by both ranks, shown once
+    assert "WARNING [ranks 0,1] resuming with iter_size 1 -> 2: the data position is kept" in said[0]
 
 
 # -- the seed's calling convention ----------------------------------------------------------------------------------

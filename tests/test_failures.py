@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,11 @@ import psutil
 import pytest
 import torch
 from PIL import Image
+from test_resume import assert_same_training_state
 
 from conftest import DIST_VARS, TESTS, run_job
 from engine_helpers import LinReg, make_data
-from pixelz_dist import ConfigError, SnapshotError, train_model
+from pixelz_dist import WORKER_DIED_EXIT_CODE, ConfigError, SnapshotError, train_model
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 
 pytestmark = pytest.mark.slow
@@ -105,6 +107,78 @@ def test_an_empty_file_says_it_is_empty_and_on_bad_file_skip_goes_on(tmp_path):
                   "--batch-size", "4", "--on-bad-file", "skip", cwd=os.path.join(TESTS, "jobs"))
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "skipping sample 3 (on_error='skip')" in skipped.stderr
+
+
+# -- a DataLoader worker killed by the kernel (the OOM killer's SIGKILL) or exiting by itself ------------------------
+def worker_cli(tmp_path, name, *extra, delay=0.05):
+    """The demo network on slow demo files with 2 workers, 40 iterations, a snapshot every 2, in the background."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", "--model", MODEL, "--dataset",
+                             "slow_data:make", "--dataset-arg", f"root={str(tmp_path / 'd')!r}", "--dataset-arg",
+                             f"delay={delay}", "--iters", "40", "--workers", "2", "--batch-size", "2",
+                             "--display-iter", "2", "--snapshot-interval", "2", "--snapshot-prefix",
+                             str(tmp_path / name / "s"), *extra],
+                            cwd=os.path.join(TESTS, "jobs"), env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=120):
+    try:
+        rest = proc.stderr.read()
+        return proc.wait(timeout=timeout), rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_worker_killed_by_the_kernel_exits_71_with_one_line_and_the_resume_is_exact(tmp_path):
+    proc = worker_cli(tmp_path, "killed")
+    try:
+        wait_for_line(proc, "iter 4/")
+        workers = [p for p in psutil.Process(proc.pid).children() if p.name() == "pt_data_worker"]
+        assert len(workers) == 2
+        victim = workers[0].pid
+        os.kill(victim, signal.SIGKILL)  # what the OOM killer sends
+    finally:
+        code, rest = finish(proc)
+    assert code == WORKER_DIED_EXIT_CODE == 71, rest[-3000:]
+    errors = [line for line in rest.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, rest[-3000:]
+    assert re.match(rf"error: DataLoader worker [01] \(pid {victim}\) was killed by signal 9 \(SIGKILL\): often out "
+                    "of memory", errors[0]), errors[0]
+    assert "--workers" in errors[0] and "--resume auto" in errors[0] and "memory" in errors[0]
+    assert "Traceback" not in rest
+    killed_at = list_snapshots(str(tmp_path / "killed" / "s"))[0][0]
+    assert 4 <= killed_at < 40
+
+    code, rest = finish(worker_cli(tmp_path, "killed", "--resume", "auto", delay=0))
+    assert code == 0, rest[-3000:]
+    assert f"resumed from {tmp_path / 'killed' / 's'}_iter_{killed_at}.pt" in rest
+    code, rest = finish(worker_cli(tmp_path, "straight", delay=0))
+    assert code == 0, rest[-3000:]
+    (it_a, path_a), *_ = list_snapshots(str(tmp_path / "straight" / "s"))
+    (it_b, path_b), *_ = list_snapshots(str(tmp_path / "killed" / "s"))
+    assert it_a == it_b == 40
+    assert_same_training_state(load_snapshot(path_a), load_snapshot(path_b))
+
+
+@pytest.mark.parametrize("source", ["dataset", "user_loader", "find_lr"])
+@pytest.mark.parametrize("mode", ["worker_killed", "worker_exits"])
+def test_a_dead_worker_is_a_worker_died_error_naming_it_for_every_batch_source(mode, source):
+    proc = run_job("failure_job.py", json.dumps({"mode": mode, "source": source, "workers": 2}), timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    caught = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert caught["runtime_error"] and caught["exit_code"] == 71  # still a RuntimeError, as torch's error was
+    assert caught["worker"] in (0, 1) and f"DataLoader worker {caught['worker']} (pid {caught['pid']})" in \
+        caught["message"]
+    if mode == "worker_killed":
+        assert caught["pid"] == caught["victim"] and caught["signal"] == signal.SIGKILL
+        assert "was killed by signal 9 (SIGKILL): often out of memory" in caught["message"]
+    else:
+        assert caught["exit_code_of_worker"] == 3 and caught["signal"] is None
+        assert "exited with code 3" in caught["message"] and "--workers 0" in caught["message"]
+    assert "Traceback" not in proc.stderr
 
 
 # -- one rank's dataset raises under torchrun ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 
 from .._version import __version__
 from ..distributed.env import DistEnv, barrier, broadcast_from_main, gather_from_all, gather_to_main
-from ..errors import ConfigError, SnapshotError
+from ..errors import ConfigError, SnapshotError, on_every_rank
 from .file_format import (
     FORMAT_VERSION,
     NoLoadableSnapshot,
@@ -160,9 +160,9 @@ class Checkpointer:
                 error = e
         path, message = broadcast_from_main((path, None if error is None else str(error)))
         if error is not None:
-            raise error
+            raise on_every_rank(error)
         if message is not None:
-            raise SnapshotError(message)
+            raise on_every_rank(SnapshotError(message))
         return path, content
 
     def _choose_on_main(self, spec: str, overwrite: bool) -> tuple[str | None, dict | None]:
@@ -196,12 +196,12 @@ class Checkpointer:
         except SnapshotError as e:
             error = e
         outcomes = gather_from_all(None if error is None else str(error))
-        if error is not None:
-            raise error
         failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
-        if failed:
+        if failed:  # every rank raises; rank 0 reports the first failure (the CLI prints rank 0's line alone)
+            if error is not None and (self.env.is_main or failed[0][0] == self.env.rank):
+                raise on_every_rank(error)
             rank, message = failed[0]
-            raise SnapshotError(f"on rank {rank}: {message}")
+            raise on_every_rank(SnapshotError(f"on rank {rank}: {message}" if rank else message))
         self.last_path, self.last_iteration = path, int(snap["progress"]["iteration"])
         if self.env.is_main and self.prefix:
             moved = set_aside_newer(self.prefix, self.last_iteration)

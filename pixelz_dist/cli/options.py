@@ -19,7 +19,7 @@ import tempfile
 
 from ..distributed.env import read_env
 from ..engine.settings import LEGACY_NAMES
-from ..errors import ConfigError
+from ..errors import ConfigError, PixelzError
 from ..log import ensure_handler, logger
 from .config import OptionSpec, check_table, load_toml, merge
 from .imports import parse_assignments
@@ -87,11 +87,23 @@ STEP_OPTIONS = (
 def error_line(error: BaseException) -> str:
     """The message of ``error`` for one ``error: ...`` line: an error raised in a DataLoader worker reaches the main
     process wrapped in the worker's traceback (``Caught DataError in DataLoader worker process 0 ...``): its own
-    message is the last part of it."""
+    message is the last part of it. Under torchrun it starts with the rank (``[rank 1] ...``)."""
     text = str(error)
     if text.startswith("Caught ") and "Original Traceback" in text:
         text = text.rsplit(f"{type(error).__name__}: ", 1)[-1].strip()
+    env = read_env()
+    if env.is_distributed and not getattr(error, "on_every_rank", False):
+        return f"[rank {env.rank}] {text}"  # which rank failed, in a job's merged output
     return text
+
+
+def report_error(error: PixelzError) -> int:
+    """Print ``error`` as the one ``error: ...`` line and return its exit code. An error every rank raised alike (rank
+    0 decided and told the others, e.g. that no snapshot loads) is printed by rank 0 alone: 64 ranks must not print
+    64 copies; it names the rank that failed when that is another one."""
+    if not error.on_every_rank or read_env().is_main:
+        print(f"error: {error_line(error)}", file=sys.stderr)
+    return error.exit_code
 
 
 def step_options(opts: argparse.Namespace) -> dict:

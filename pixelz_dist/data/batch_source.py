@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 
-from ..errors import SnapshotError
+from ..errors import SnapshotError, WorkerDied
+from .worker_death import worker_death
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,12 @@ class BatchSource(ABC):
     def end_epoch(self) -> None:
         self.epoch += 1
         self.position = 0
+
+    def worker_died(self, error: BaseException) -> WorkerDied | None:
+        """``error`` as a :class:`~pixelz_dist.errors.WorkerDied` when it is torch's word that a DataLoader worker of
+        this source's current iterator ended, else None. Call it before ``close``: the dead worker's exit status is
+        read from the iterator, whose other workers ``close`` shuts down."""
+        return worker_death(error, getattr(getattr(self, "_iterator", None), "_workers", ()))
 
     # -- snapshots --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..distributed.env import gather_from_all
 from ..distributed.preemption import ignore_preemption_signals
-from ..errors import DataError, SnapshotError
+from ..errors import DataError, SnapshotError, on_every_rank
 from .batch_source import BatchSource, stop_workers
 from .collate import NamedCollate
 from .sample_list import SampleList
@@ -171,6 +171,6 @@ def check_same_list_on_every_rank(sample_list: SampleList) -> None:
         return
     listed = ", ".join(f"rank {rank}: {count} samples (names {digest or 'unknown'})"
                        for rank, (count, digest) in enumerate(seen))
-    raise DataError(f"the ranks see different datasets ({listed}): each would shard another list. HINT: make the "
-                    "data identical on every node (wait for a copy or sync to finish, or read it from one shared "
-                    "folder), then start again.")
+    raise on_every_rank(DataError(
+        f"the ranks see different datasets ({listed}): each would shard another list. HINT: make the data identical "
+        "on every node (wait for a copy or sync to finish, or read it from one shared folder), then start again."))

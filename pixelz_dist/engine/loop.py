@@ -224,8 +224,11 @@ class Engine:
             try:
                 while not self.done():
                     self.run_epoch()
-            except BaseException:
+            except BaseException as error:
+                died = source.worker_died(error)  # before close(): it reads the dead worker's exit status
                 source.close(failed=True)  # no worker may outlive the error: a process with live workers never exits
+                if died is not None:  # one line that names the worker, not torch's traceback through the model
+                    raise died from None
                 raise
             source.close()
         self.requests.finish()  # the last exchange in flight (under torchrun): every rank waits for it alike

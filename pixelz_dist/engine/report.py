@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..distributed.env import sum_over_ranks
+from ..distributed.log_relay import flush_rank_logs
 from .state import learning_rates
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class Reporter:
             if mem:
                 line += (f" | gpu {mem['gpu_allocated_mib']:.0f}/{mem['gpu_reserved_mib']:.0f} MiB "
                          f"(peak {mem['gpu_peak_mib']:.0f})")
+        flush_rank_logs()  # every rank has passed the sum above: their warnings so far come before the line
         logger.info(line)
         if self.metrics is not None:
             self.metrics.add_json(row)

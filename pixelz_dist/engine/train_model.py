@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from ..callbacks.builtin import GradientClipping, NonFiniteGuard, StopOnLoss, TimeBudget
 from ..distributed.env import process_group
+from ..distributed.log_relay import rank_logging
 from ..errors import ConfigError, DataError
-from ..log import ensure_handler, rank_logging
+from ..log import ensure_handler
 from .determinism import deterministic_mode
 from .loop import Engine
 from .settings import RunSettings, apply_legacy_names, check_settings, setting_names
@@ -150,9 +151,11 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
     settings: RunSettings = check_settings(values)
     check_optimizer_holds(model, optimizer)
     ensure_handler()
-    with process_group(backend=backend, timeout_s=dist_timeout) as env, rank_logging(env.rank, env.world_size), \
-            deterministic_mode(settings.deterministic):
-        callbacks = builtin_callbacks(settings) + list(callbacks or ())
+    with process_group(backend=backend, timeout_s=dist_timeout) as env, \
+            rank_logging(env.rank, env.world_size) as flush_points, deterministic_mode(settings.deterministic):
+        # the relay's flush points go last: they print what the callbacks before them logged (and shift no
+        # callback's index, which names its state in snapshots)
+        callbacks = builtin_callbacks(settings) + list(callbacks or ()) + flush_points
         return Engine(model, optimizer, scheduler, dataset, settings, callbacks).run()
 
 
