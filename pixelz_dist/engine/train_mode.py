@@ -58,7 +58,9 @@ class TrainMode:
         self.forward_model.train()
 
     def restore(self) -> None:
-        """Each module back in the mode it arrived in."""
+        """Each module back in the mode it arrived in; the wrappers are let go (a DDP wrapper holds the process
+        group, and must be freed before the group is destroyed: see Engine.run)."""
+        self.forward_model, self.modules = self.model, ()
         for name, module in self.model.named_modules():
             if name in self.arrival:
                 module.training = self.arrival[name]
