@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..random_state import capture
 from .crop_plan import Box, CropPlanner
 from .folder_listing import IMAGE_EXTENSIONS, match_by_stem, match_sorted, natural_key, scan_folder, scan_images
 from .images import check_mode, fast_img_loader, jpeg_backend
@@ -273,19 +274,19 @@ class MultiImgsDataset(Dataset):
     def _first_loadable(self, index: int, attempt: Callable[[int], Any]) -> Any:
         """``attempt(index)``; with ``on_error="skip"``, the next sample (wrapping around) that loads instead.
 
-        The RNG is rewound before a substitute, so it is drawn for exactly as if the bad sample had not been tried.
+        The global RNGs are rewound before a substitute, so it draws exactly as if the bad sample had not been tried.
         """
         n = len(self.stems)
         for i in (index + k if index + k < n else index + k - n for k in range(n)):
             if i in self._bad:
                 continue
-            rng = torch.get_rng_state() if self.on_error == "skip" else None
+            rng = capture() if self.on_error == "skip" else None  # torch's, numpy's and Python's: a transform's draws
             try:
                 return attempt(i)
             except DataError as exc:
                 if self.on_error == "raise":
                     raise
-                torch.set_rng_state(rng)
+                rng.restore()
                 self._bad.add(i)
                 self._first_error = self._first_error or exc
                 logger.warning("skipping sample %d (on_error='skip'): %s", i, exc)

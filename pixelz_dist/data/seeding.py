@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset, get_worker_info
 
+from ..random_state import preserved
 from .sampler import BatchKey
 
 
@@ -59,14 +60,9 @@ class SeededDataset(Dataset):
         if get_worker_info() is not None:
             seed_global_rngs(seed)
             return self._fetch(indices)
-        saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
-        try:
+        with preserved():  # the trainer's own streams (dropout, ...) as if the batch came from a worker
             seed_global_rngs(seed)
             return self._fetch(indices)
-        finally:
-            torch.default_generator.set_state(saved[0])
-            np.random.set_state(saved[1])
-            random.setstate(saved[2])
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -10,8 +10,8 @@ import math
 import torch
 
 from ..callbacks.base import Callback
-from ..checkpoint.rng import capture_rng_state, restore_rng_state
 from ..errors import ConfigError
+from ..random_state import capture
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class StartingPoint:
         self.opt_state = detached_copy(optimizer.state_dict())
         self.grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
         self.training = [m.training for m in model.modules()]
-        self.rng = capture_rng_state()
+        self.rng = capture(cuda=True)
 
     def restore(self, grads: bool = True) -> None:
         self.model.load_state_dict(self.weights)
@@ -49,7 +49,7 @@ class StartingPoint:
             p.grad = g.clone() if grads and g is not None else None
         for m, flag in zip(self.model.modules(), self.training):
             m.training = flag
-        restore_rng_state(self.rng)
+        self.rng.restore()
 
 
 def set_lrs(optimizer, lrs) -> None:
