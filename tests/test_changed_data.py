@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from conftest import DIST_VARS, TESTS
@@ -20,19 +19,12 @@ from pixelz_dist import MultiImgsDataset, SnapshotError, train_model
 from pixelz_dist.data.sample_list import MAX_STORED_BYTES, SampleList, sample_names
 from test_failures import cli, image_folders
 
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 1, 3, padding=1)
-
-    def forward(self, rgb, mask):
-        return nn.functional.binary_cross_entropy_with_logits(self.conv(rgb), (mask > 0.5).float())
+sys.path.insert(0, os.path.join(TESTS, "jobs"))
+from slow_data import TwoFolderNet  # noqa: E402  (the --model the command-line tests use)
 
 
 def train(folders, prefix, num_epochs, **kw):
-    model = Net()
+    model = TwoFolderNet()
     dataset = MultiImgsDataset(folders, [lambda x: x, lambda x: x], modes=["RGB", "L"],
                                loader=_tensor_loader)
     train_model(model, torch.optim.SGD(model.parameters(), lr=0.1), None, dataset, 2, shuffle=True,
