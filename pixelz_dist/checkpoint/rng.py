@@ -42,6 +42,8 @@ def restore_rng_state(state: dict) -> None:
 class RNGState:
     """The process's random state as a snapshot part (one per rank: the checkpointer gathers and hands them back)."""
 
+    per_rank = True
+
     def state_dict(self) -> dict:
         return capture_rng_state()
 
