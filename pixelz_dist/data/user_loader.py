@@ -13,6 +13,11 @@ can do that when we can put the sampling back to where the epoch began and skip 
   global one when either is missing, since the DataLoader then draws its seeds from it).
 
 Anything else cannot be put back, and resuming it mid-epoch is refused with the ways out, never silently wrong.
+
+Under torchrun each rank's loader reads its own shard, so that state is each rank's own (``per_rank``: the
+checkpointer keeps one per rank and hands each rank its own back), and a mid-epoch snapshot resumes only with as many
+processes as wrote it. Unlike our own dataset path, whose position counts global samples and reshards exactly, a
+user's loader has no global position to divide among another number of processes.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class UserLoaderSource(BatchSource):
 
     kind = "user_loader"
     unit = "batches"
+    per_rank = True  # each rank's loader (or sampler) is at its own place in its own shard
 
     def __init__(self, loader: DataLoader, env, restore_position: bool = True, iter_size: int = 1):
         super().__init__(restore_position=restore_position, iter_size=iter_size)
@@ -179,10 +185,9 @@ class UserLoaderSource(BatchSource):
         if position == 0:
             self._epoch_start = self._capture()
             self._iterator = iter(self.loader)
-            return self._iterator, self.batches_from(0)
-        if pending is None:
+        elif pending is None:
             raise SnapshotError("internal: a mid-epoch position without the loader's saved state")
-        if self.stateful_loader:
+        elif self.stateful_loader:
             self.loader.load_state_dict(pending["loader"])
             self._epoch_start = pending.get("epoch_start")
             now = torch.get_rng_state()
@@ -190,9 +195,9 @@ class UserLoaderSource(BatchSource):
                 self._iterator = iter(self.loader)
             finally:
                 torch.set_rng_state(now)
-            return self._iterator, self.batches_from(position)
-        self._epoch_start = pending["epoch_start"]
-        self._iterator = self._replay(pending["epoch_start"], position)
+        else:
+            self._epoch_start = pending["epoch_start"]
+            self._iterator = self._replay(pending["epoch_start"], position)
         return self._iterator, self.batches_from(position)
 
     def close(self, failed: bool = False) -> None:
@@ -225,11 +230,19 @@ class UserLoaderSource(BatchSource):
             return f"its {type(s).__name__} has no state_dict()/load_state_dict() and is not one of torch's samplers"
         return None
 
-    def _restore_sampling(self, state: dict) -> None:
-        """Prepare the next ``begin_epoch`` to continue at the position; refuse what cannot be restored."""
-        position = self.position
+    def _check_sampling(self, state: dict, position: int) -> None:
+        """Refuse a mid-epoch state that cannot be put back here (at an epoch's start nothing is needed)."""
         if position == 0:
             return
+        saved = int(state.get("world_size", 1))
+        if saved != self.world_size:
+            raise SnapshotError(
+                f"it was taken {position} batches into epoch {state['epoch']} by {saved} process(es), and this run "
+                f"has {self.world_size}: each process's DataLoader was at its own place in its own shard, which "
+                f"cannot be divided among {self.world_size} process(es). HINT: resume with {saved} process(es) "
+                f"(torchrun --nproc_per_node ... with WORLD_SIZE={saved}), or with restore_dataloader=False to start "
+                f"at the beginning of epoch {int(state['epoch']) + 1}; passing the dataset itself instead of a "
+                "DataLoader lets train_model reshard it at any world size.")
         why = self.restorable()
         if why is not None:
             raise SnapshotError(
@@ -237,12 +250,18 @@ class UserLoaderSource(BatchSource):
                 f"there: {why}. HINT: give the sampler state_dict()/load_state_dict(), use torchdata's "
                 "StatefulDataLoader, pass the dataset itself instead of a DataLoader, or resume with "
                 "restore_dataloader=False (training continues at the start of the next epoch).")
-        if self.stateful_loader and "loader" not in state:
-            raise SnapshotError("it holds no DataLoader state (key 'data.loader'); it was not written with this "
-                                "stateful loader. HINT: resume with restore_dataloader=False.")
-        if not self.stateful_loader and state.get("epoch_start") is None:
-            raise SnapshotError("it holds no epoch-start sampler state (key 'data.epoch_start'). HINT: resume "
-                                "with restore_dataloader=False.")
+        key = "loader" if self.stateful_loader else "epoch_start"
+        if state.get(key) is None:
+            what = "DataLoader state" if self.stateful_loader else "epoch-start sampler state"
+            raise SnapshotError(
+                f"it holds no {what} of this process (key 'data.{key}'): it was written with another kind of "
+                "DataLoader, or, under torchrun, by a pixelz_dist that kept rank 0's alone (snapshot format 2). "
+                "HINT: resume with restore_dataloader=False (training continues at the start of the next epoch).")
+
+    def _restore_sampling(self, state: dict) -> None:
+        """Prepare the next ``begin_epoch`` to continue at the position (``_check_sampling`` passed)."""
+        if self.position == 0:
+            return
         if state.get("length") != self.length:
             logger.warning("the DataLoader had %s batches per epoch when the snapshot was written and has %s now",
                            state.get("length"), self.length)
