@@ -15,7 +15,7 @@ from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 from pixelz_dist.data.sampler import ResumableBatchSampler
 from pixelz_dist.data.user_loader import UserLoaderSource
 from pixelz_dist.distributed.env import DistEnv
-from pixelz_dist.errors import ConfigError, SnapshotError
+from pixelz_dist.errors import ConfigError, DataError, SnapshotError
 from test_distributed import python_job, torchrun
 
 LOADER_JOB = os.path.join(TESTS, "jobs", "loader_job.py")
@@ -172,6 +172,39 @@ def test_distributed_needs_a_distributed_sampler():
         UserLoaderSource(DataLoader(ds, batch_size=4, shuffle=True), env)
     ok = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, num_replicas=2, rank=0))
     assert UserLoaderSource(ok, env).length == 4
+
+
+def test_an_iterable_dataset_that_yields_less_than_its_length_is_named():
+    """Its __len__ is a promise nothing enforces: the loop would stop on a bare StopIteration (under torchrun, leaving
+    the other ranks waiting in a collective)."""
+
+    class Claims(IterableDataset):
+        def __len__(self):
+            return 10
+
+        def __iter__(self):
+            for i in range(6):
+                yield torch.randn(5), torch.randn(1), torch.tensor(i)
+
+    model = Net()
+    with pytest.raises(DataError, match=r"ended after 6 batches of epoch 0, but its length says 10: its "
+                                        r"IterableDataset \(Claims\) has a __len__ of 10"):
+        train_model(model, torch.optim.SGD(model.parameters(), lr=0.01), None, DataLoader(Claims(), batch_size=1),
+                    None, num_epochs=1)
+
+
+@pytest.mark.timeout(60)
+def test_a_loader_that_yields_nothing_is_an_error_not_an_endless_loop_of_empty_epochs():
+    """Before, num_iters was never reached: every epoch ended at once, forever (deaf to SIGTERM: no step came)."""
+
+    class Empty(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    model = Net()
+    with pytest.raises(DataError, match=r"the DataLoader yielded no batch in epoch 0: there is nothing to train on"):
+        train_model(model, torch.optim.SGD(model.parameters(), lr=0.01), None, DataLoader(Empty(), batch_size=1),
+                    None, num_iters=3)
 
 
 # -- under torchrun: each rank's loader is at its own place in its own shard ---------------------------------------

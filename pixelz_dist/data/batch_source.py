@@ -56,6 +56,7 @@ class BatchSource(ABC):
     unit = "?"
     read_ahead = True  # fetching beyond the current window changes nothing a snapshot records
     per_rank = False  # the state is the same on every rank (see the checkpointer): one global position
+    equal_lengths = True  # every rank has as many batches per epoch by construction: nothing to agree on
 
     def __init__(self, restore_position: bool = True, iter_size: int = 1):
         self.epoch = 0

@@ -17,7 +17,9 @@ Anything else cannot be put back, and resuming it mid-epoch is refused with the 
 Under torchrun each rank's loader reads its own shard, so that state is each rank's own (``per_rank``: the
 checkpointer keeps one per rank and hands each rank its own back), and a mid-epoch snapshot resumes only with as many
 processes as wrote it. Unlike our own dataset path, whose position counts global samples and reshards exactly, a
-user's loader has no global position to divide among another number of processes.
+user's loader has no global position to divide among another number of processes. The ranks' loaders may also differ
+in length (``equal_lengths`` is False): the loop has them agree when an epoch ends (see
+:mod:`pixelz_dist.engine.uneven`) and tells the source how long the epoch is then (``limit_epoch``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from ..errors import ConfigError, SnapshotError
+from ..errors import ConfigError, DataError, SnapshotError
 from .batch_source import BatchSource, stop_workers
 from .sampler import ResumableBatchSampler
 
@@ -113,6 +115,7 @@ class UserLoaderSource(BatchSource):
     kind = "user_loader"
     unit = "batches"
     per_rank = True  # each rank's loader (or sampler) is at its own place in its own shard
+    equal_lengths = False  # a rank's IterableDataset or batch sampler may yield more batches than another's
 
     def __init__(self, loader: DataLoader, env, restore_position: bool = True, iter_size: int = 1):
         super().__init__(restore_position=restore_position, iter_size=iter_size)
@@ -141,13 +144,25 @@ class UserLoaderSource(BatchSource):
         self.world_size = env.world_size
         self.global_batch = self.batch_size * self.world_size
         self._epoch_start: dict | None = None  # how sampling stood when the current epoch began
+        self._agreed: tuple[int | None] | None = None  # (the current epoch's batches on every rank,) once agreed
         self._pending: dict | None = None  # state from a snapshot, used by the next begin_epoch
         self._iterator = None  # the iterator this epoch made (of the loader, or of its twin on a resume)
 
     # -- what the engine asks ----------------------------------------------------------------------------------------
     @property
     def epoch_size(self) -> int | None:
-        return self.length
+        """Batches in the current epoch: the ranks' agreed number once the loop set it (the same on every rank, so
+        that a snapshot interval in epochs is due on all of them alike), else this loader's length."""
+        return self._agreed[0] if self._agreed is not None else self.length
+
+    def limit_epoch(self, remaining: int | None) -> None:
+        """The ranks agreed that the current epoch ends after ``remaining`` more batches (None: when the first rank
+        runs out, which none can tell ahead)."""
+        self._agreed = (None if remaining is None else self.position + remaining,)
+
+    def end_epoch(self) -> None:
+        super().end_epoch()
+        self._agreed = None
 
     def advance(self, batches: int) -> tuple[int, int]:
         begin = self.position
@@ -198,7 +213,10 @@ class UserLoaderSource(BatchSource):
         else:
             self._epoch_start = pending["epoch_start"]
             self._iterator = self._replay(pending["epoch_start"], position)
-        return self._iterator, self.batches_from(position)
+        remaining = self.batches_from(position)
+        if self.iterable and remaining is not None:  # an IterableDataset's __len__ is a claim nothing enforces
+            return _held_to_length(self._iterator, position, remaining, self), remaining
+        return self._iterator, remaining
 
     def close(self, failed: bool = False) -> None:
         """The loader is the user's (and a stateful one is still asked for its state by the final snapshot): its
@@ -211,7 +229,7 @@ class UserLoaderSource(BatchSource):
     # -- snapshots ------------------------------------------------------------------------------------------------
     def _sampling_state(self) -> dict:
         state = {"length": self.length, "batch_size": self.batch_size, "world_size": self.world_size,
-                 "epoch_start": self._epoch_start}
+                 "epoch_size": self.epoch_size, "epoch_start": self._epoch_start}
         if self.stateful_loader:
             state["loader"] = self.loader.state_dict()
         return state
@@ -265,6 +283,8 @@ class UserLoaderSource(BatchSource):
         if state.get("length") != self.length:
             logger.warning("the DataLoader had %s batches per epoch when the snapshot was written and has %s now",
                            state.get("length"), self.length)
+        if self.world_size > 1 and "epoch_size" in state:  # the ranks' agreed epoch until the loop agrees again:
+            self._agreed = (state["epoch_size"],)  # a snapshot interval in epochs stays due on every rank alike
         self._pending = state
 
     # -- replaying the start of an epoch --------------------------------------------------------------------------
@@ -299,6 +319,23 @@ class UserLoaderSource(BatchSource):
         finally:
             torch.set_rng_state(now)
         return it
+
+
+def _held_to_length(iterator, start: int, expected: int, source: UserLoaderSource):
+    """``iterator`` (from batch ``start`` of the epoch on), raising a ``DataError`` that says why when it ends before
+    the ``expected`` batches its length promised (the loop would otherwise stop with a bare ``StopIteration``, and
+    under torchrun leave the other ranks waiting in a collective)."""
+    got = 0
+    for batch in iterator:
+        got += 1
+        yield batch
+    if got < expected:
+        raise DataError(
+            f"the DataLoader ended after {start + got} batches of epoch {source.epoch}, but its length "
+            f"says {source.length}: its IterableDataset ({type(source.loader.dataset).__name__}) has a __len__ of "
+            f"{source.dataset_length} that this process's iteration does not yield. HINT: make __len__ return the "
+            "number of samples this process yields (its own shard, not the whole dataset), or remove __len__ (the "
+            "processes then agree on each epoch's end as they go).")
 
 
 def _twin(loader: DataLoader, skip: int) -> tuple[DataLoader, _SkipFirst]:
