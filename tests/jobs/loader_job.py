@@ -26,9 +26,9 @@ import signal
 import sys
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
+from dist_job import MLP
 from pixelz_dist import Callback, train_model
 
 
@@ -42,7 +42,7 @@ def world() -> int:
 
 def record(i: int):
     g = torch.Generator().manual_seed(i)
-    return torch.randn(4, generator=g), torch.randn(1, generator=g), torch.tensor(i, dtype=torch.float64)
+    return torch.randn(8, generator=g), torch.randn(1, generator=g), torch.tensor(i, dtype=torch.float64)
 
 
 class Shard(IterableDataset):
@@ -124,18 +124,6 @@ class UnevenBatches(Sampler):
             yield indices[i:i + self.batch_size]
 
 
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-        self.seen = []
-
-    def forward(self, x, y, ids):
-        self.seen.extend(ids.tolist())
-        return nn.functional.mse_loss(self.net(x), y)
-
-
 class Probe(Callback):
     def __init__(self, cfg):
         self.cfg = cfg
@@ -187,8 +175,9 @@ def main():
 
 
 def train(cfg):
+    torch.manual_seed(0)
+    model = MLP()  # it records the ids of the records it trains on
     torch.manual_seed(100 + rank())  # as a user who seeds each process differently
-    model = Model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
     probe = Probe(cfg)
