@@ -91,6 +91,10 @@ class Counter:
         self.n = int(state["n"])
 
 
+class PerRankCounter(Counter):
+    per_rank = True
+
+
 class Picky:
     def state_dict(self):
         return {"shape": 3}
@@ -103,7 +107,7 @@ class Picky:
 def parts(**named) -> dict:
     """The parts a train_model snapshot must have (plain counters here), then ``named``."""
     return {"model": Counter(), "optimizer": Counter(), "scheduler": Counter(), "progress": Progress(),
-            "data": Counter(), "rng": Counter(), **named}
+            "data": Counter(), "rng": PerRankCounter(), **named}
 
 
 def test_parts_round_trip_and_a_part_that_does_not_fit_is_named(tmp_path):
@@ -112,9 +116,10 @@ def test_parts_round_trip_and_a_part_that_does_not_fit_is_named(tmp_path):
     counter.n = 5
     saved = parts(counter=counter)
     saved["progress"].iteration = 9
-    path = Checkpointer(str(tmp_path / "p"), saved, env, per_rank=("rng",)).save(9)
+    path = Checkpointer(str(tmp_path / "p"), saved, env).save(9)
     snap = load_snapshot(path)
-    assert snap["counter"] == {"n": 5} and snap["rng"] == [{"n": 0}] and snap["format_version"] == 2
+    assert snap["counter"] == {"n": 5} and snap["rng"] == [{"n": 0}] and snap["format_version"] == 3
+    assert snap["per_rank"] == ["rng"]  # the part said so (per_rank = True), not the checkpointer
     fresh = parts(counter=Counter())
     loader = Checkpointer(None, fresh, env)
     loader.load(path)

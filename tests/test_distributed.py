@@ -31,8 +31,8 @@ def job_env():
     return env
 
 
-def torchrun(cfg, nproc=2, extra=(), timeout=180, background=False, env=None):
-    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *extra, JOB, json.dumps(cfg)]
+def torchrun(cfg, nproc=2, extra=(), timeout=180, background=False, env=None, job=JOB):
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *extra, job, json.dumps(cfg)]
     env = {**job_env(), **(env or {})}
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -40,8 +40,8 @@ def torchrun(cfg, nproc=2, extra=(), timeout=180, background=False, env=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def python_job(cfg, timeout=120):
-    return subprocess.run([sys.executable, JOB, json.dumps(cfg)], env=job_env(), capture_output=True, text=True,
+def python_job(cfg, timeout=120, job=JOB):
+    return subprocess.run([sys.executable, job, json.dumps(cfg)], env=job_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 

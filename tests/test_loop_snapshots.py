@@ -91,7 +91,8 @@ def test_snapshot_contents_load_with_weights_only(tmp_path):
     snap = torch.load(f"{prefix}_iter_4.pt", weights_only=True)
     for key in ("format_version", "model", "optimizer", "scheduler", "progress", "data", "rng"):
         assert key in snap
-    assert snap["format_version"] == 2
+    assert snap["format_version"] == 3
+    assert snap["per_rank"] == ["rng"]  # our own dataset's position is global: one state for all ranks
     assert snap["progress"] == {"iteration": 4}
     data = snap["data"]
     assert (data["kind"], data["epoch"], data["position"]) == ("dataset", 1, 4)  # global samples into epoch 1

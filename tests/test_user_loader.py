@@ -1,15 +1,25 @@
 """train_model with a DataLoader the user built: sampling is theirs, the resumed position must still be exact."""
 
+import json
+import os
+import shutil
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
+from conftest import TESTS
 from pixelz_dist import train_model
+from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
 from pixelz_dist.data.sampler import ResumableBatchSampler
 from pixelz_dist.data.user_loader import UserLoaderSource
 from pixelz_dist.distributed.env import DistEnv
-from pixelz_dist.errors import ConfigError, SnapshotError
+from pixelz_dist.errors import ConfigError, DataError, SnapshotError
+from test_distributed import python_job, torchrun
+
+LOADER_JOB = os.path.join(TESTS, "jobs", "loader_job.py")
+FORMAT2 = os.path.join(TESTS, "fixtures", "format2")
 
 
 class Indexed(Dataset):
@@ -162,3 +172,139 @@ def test_distributed_needs_a_distributed_sampler():
         UserLoaderSource(DataLoader(ds, batch_size=4, shuffle=True), env)
     ok = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, num_replicas=2, rank=0))
     assert UserLoaderSource(ok, env).length == 4
+
+
+def test_an_iterable_dataset_that_yields_less_than_its_length_is_named():
+    """Its __len__ is a promise nothing enforces: the loop would stop on a bare StopIteration (under torchrun, leaving
+    the other ranks waiting in a collective)."""
+
+    class Claims(IterableDataset):
+        def __len__(self):
+            return 10
+
+        def __iter__(self):
+            for i in range(6):
+                yield torch.randn(5), torch.randn(1), torch.tensor(i)
+
+    model = Net()
+    with pytest.raises(DataError, match=r"ended after 6 batches of epoch 0, but its length says 10: its "
+                                        r"IterableDataset \(Claims\) has a __len__ of 10"):
+        train_model(model, torch.optim.SGD(model.parameters(), lr=0.01), None, DataLoader(Claims(), batch_size=1),
+                    None, num_epochs=1)
+
+
+@pytest.mark.timeout(60)
+def test_a_loader_that_yields_nothing_is_an_error_not_an_endless_loop_of_empty_epochs():
+    """Before, num_iters was never reached: every epoch ended at once, forever (deaf to SIGTERM: no step came)."""
+
+    class Empty(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    model = Net()
+    with pytest.raises(DataError, match=r"the DataLoader yielded no batch in epoch 0: there is nothing to train on"):
+        train_model(model, torch.optim.SGD(model.parameters(), lr=0.01), None, DataLoader(Empty(), batch_size=1),
+                    None, num_iters=3)
+
+
+# -- under torchrun: each rank's loader is at its own place in its own shard ---------------------------------------
+def loader_job(cfg, nproc=2):
+    """tests/jobs/loader_job.py under torchrun, or as one plain process."""
+    if nproc == 1:
+        return python_job(cfg, job=LOADER_JOB)
+    return torchrun(cfg, nproc, job=LOADER_JOB)
+
+
+def records(out, rank, name="") -> list:
+    with open(os.path.join(out, f"rank{rank}{name}.json")) as f:
+        found = json.load(f)
+    return found["seen"] if isinstance(found, dict) else found
+
+
+@pytest.fixture(scope="module", params=["stream", "map"])
+def split_run(request, tmp_path_factory):
+    """12 iterations of 2 ranks (8 batches of 1 record per rank and epoch): straight, and killed at iteration 6 (its
+    last snapshot: 4, mid-epoch) then resumed with 'auto'. ``stream``: torchdata's StatefulDataLoader over an
+    IterableDataset whose state is an offset into this rank's file; ``map``: torch's DataLoader, a DistributedSampler
+    and a batch sampler whose generator is seeded per rank (the replay path)."""
+    root = tmp_path_factory.mktemp(request.param)
+    runs = {name: root / name for name in ("straight", "killed", "resumed")}
+    for folder in runs.values():
+        folder.mkdir()
+    cfg = {"data": request.param, "num_iters": 12, "interval": 4}
+    straight = loader_job({**cfg, "prefix": str(runs["straight"] / "s"), "out": str(runs["straight"])})
+    assert straight.returncode == 0, straight.stderr
+    prefix = str(root / "s")
+    killed = loader_job({**cfg, "prefix": prefix, "out": str(runs["killed"]), "kill_at": 6})
+    assert killed.returncode != 0 and [it for it, _ in list_snapshots(prefix)] == [4], killed.stderr
+    resumed = loader_job({**cfg, "prefix": prefix, "out": str(runs["resumed"]), "resume": "auto"})
+    assert resumed.returncode == 0, resumed.stderr
+    return request.param, runs, prefix
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_each_rank_resumes_its_own_place_in_its_own_shard(split_run):
+    """Before, rank 0's loader state went to every rank: rank 1 replayed rank 0's records (or order) after the
+    resume, with no word."""
+    data, runs, prefix = split_run
+    straight = [records(runs["straight"], rank) for rank in (0, 1)]
+    assert not set(straight[0][:8]) & set(straight[1][:8])  # in an epoch the ranks read different records
+    for rank in (0, 1):
+        assert records(runs["killed"], rank, "_at4") + records(runs["resumed"], rank) == straight[rank], rank
+    snap = load_snapshot(f"{prefix}_iter_4.pt")
+    assert snap["per_rank"] == ["data", "rng"] and [d["position"] for d in snap["data"]] == [4, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("split_run", ["stream"], indirect=True)
+def test_a_mid_epoch_snapshot_of_two_ranks_is_refused_by_one_process(split_run, tmp_path):
+    _, _, prefix = split_run
+    shutil.copy(f"{prefix}_iter_4.pt", tmp_path / "s_iter_4.pt")
+    cfg = {"data": "stream", "num_iters": 12, "prefix": str(tmp_path / "s"), "out": str(tmp_path), "resume": "auto"}
+    refused = loader_job(cfg, nproc=1)
+    assert refused.returncode == 1
+    assert ("SnapshotError: cannot resume from " in refused.stderr
+            and "taken 4 batches into epoch 0 by 2 process(es), and this run has 1" in refused.stderr
+            and "HINT: resume with 2 process(es)" in refused.stderr
+            and "or with restore_dataloader=False to start at the beginning of epoch 1" in refused.stderr), \
+        refused.stderr
+    assert [it for it, _ in list_snapshots(str(tmp_path / "s"))] == [4]  # nothing trained, nothing written
+
+    # the way out: the next epoch from its start (one process, one shard: records 0..7)
+    ahead = loader_job({**cfg, "train_kwargs": {"restore_dataloader": False}}, nproc=1)
+    assert ahead.returncode == 0, ahead.stderr
+    assert records(tmp_path, 0) == list(range(8))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("split_run", ["map"], indirect=True)
+def test_an_epoch_boundary_snapshot_of_two_ranks_resumes_with_one_process(split_run, tmp_path):
+    """At an epoch's start no rank has a place of its own in the data: any world size may go on from there. (A
+    loader without a length learns that its epoch is over only when a read finds nothing, so a snapshot after its
+    last batch is still mid-epoch.)"""
+    _, _, prefix = split_run
+    shutil.copy(f"{prefix}_iter_8.pt", tmp_path / "s_iter_8.pt")
+    proc = loader_job({"data": "map", "num_iters": 12, "prefix": str(tmp_path / "s"), "out": str(tmp_path),
+                       "resume": "auto"}, nproc=1)
+    assert proc.returncode == 0, proc.stderr
+    assert "iteration 8, epoch 1, position 0 of 16 batches" in proc.stderr
+    seen = records(tmp_path, 0)
+    assert len(set(seen)) == 4 and set(seen) <= set(range(16))  # epoch 1's first 4 batches of the whole dataset
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_format2_snapshot_that_kept_rank_0s_loader_state_alone_is_refused_on_every_rank(tmp_path):
+    """Format 2 (before per-rank loader states) holds rank 0's place in its shard only: rank 1 cannot be put back,
+    and both ranks refuse together (rank 0 alone would go on and wait for rank 1 in its first collective)."""
+    shutil.copy(os.path.join(FORMAT2, "loader_2ranks_iter_4.pt"), tmp_path / "s_iter_4.pt")
+    proc = loader_job({"data": "stream", "num_iters": 8, "prefix": str(tmp_path / "s"), "resume": "auto"})
+    assert proc.returncode == 1
+    refusals = [line for line in proc.stderr.splitlines() if "on rank 1: cannot resume from" in line]
+    assert len(refusals) == 2, proc.stderr  # the same refusal on both ranks
+    assert all("it holds no DataLoader state of this process (key 'data.loader')" in line for line in refusals)
+    assert "kept rank 0's alone (snapshot format 2). HINT: resume with restore_dataloader=False" in proc.stderr
+    assert "another process of the job is gone" not in proc.stderr

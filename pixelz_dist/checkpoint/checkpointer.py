@@ -2,11 +2,15 @@
 
 The checkpointer holds named parts, each an object with ``state_dict()`` / ``load_state_dict(state)`` (torchtitan's
 ``CheckpointManager(states={...})`` is the model): the loop hands it its counters, its data source, its scheduler
-stepper and so on at construction, and never its private state afterwards. Parts named in ``per_rank`` (the random
-state) are gathered from every rank, and each rank gets its own back. Parts are restored in the order given, so
-the random state, given last, is put back after everything that might draw from it. A part may also define
-``precheck(state, meta)``, which raises ``SnapshotError`` when the snapshot cannot fit: every part is checked before
-any is loaded, so a refused snapshot changes nothing.
+stepper and so on at construction, and never its private state afterwards. A part whose state differs per rank says
+so with a true ``per_rank`` attribute (the random state; a user's DataLoader, whose place in the data is each rank's
+own): its state is gathered from every rank and stored as a list in rank order, the snapshot's ``per_rank`` names
+those parts, and on loading each rank gets its own back (at another world size, the entry of ``rank % saved ranks``:
+a part whose state cannot move between ranks refuses that in its ``precheck``, from what its state records). Parts
+are restored in the order given, so the random state, given last, is put back after everything that might draw from
+it. A part may also define ``precheck(state, meta)``, which raises ``SnapshotError`` when the snapshot cannot fit:
+every part is checked on every rank before any is loaded, and one rank's refusal is every rank's, so a refused
+snapshot changes nothing anywhere.
 
 Before the first iteration, :meth:`Checkpointer.claim` makes the prefix this run's (see
 :mod:`pixelz_dist.checkpoint.prefix`): a lock, a write check, no leftovers of killed writes, and no old run's snapshots
@@ -44,17 +48,18 @@ class Checkpointer:
 
     Args:
         prefix: where snapshots go; None for a run that only loads (``load`` still works).
-        parts: ``{name: Stateful}``, in restore order; ``"progress"`` is one, whose state holds ``"iteration"``.
+        parts: ``{name: Stateful}``, in restore order; ``"progress"`` is one, whose state holds ``"iteration"``. A
+            part with a true ``per_rank`` attribute keeps one state per rank.
         env: this process's place in the job.
-        per_rank: names of parts whose state differs per rank.
         keep_last: keep only this many snapshots of the prefix (the one just written always stays).
         meta: extra values for the snapshot's ``meta`` entry.
     """
 
-    def __init__(self, prefix: str | None, parts: dict, env: DistEnv, *, per_rank=("rng",),
-                 keep_last: int | None = None, meta: dict | None = None):
+    def __init__(self, prefix: str | None, parts: dict, env: DistEnv, *, keep_last: int | None = None,
+                 meta: dict | None = None):
         self.prefix, self.parts, self.env = prefix, dict(parts), env
-        self.per_rank, self.keep_last, self.meta = tuple(per_rank), keep_last, dict(meta or {})
+        self.per_rank = [name for name, part in self.parts.items() if getattr(part, "per_rank", False)]
+        self.keep_last, self.meta = keep_last, dict(meta or {})
         self.last_path: str | None = None
         self.last_iteration = -1
         self.last_seconds: float | None = None
@@ -97,12 +102,12 @@ class Checkpointer:
         """Write the snapshot of ``iteration`` (a collective: every rank calls it; rank 0 writes, all wait for it)."""
         started = time.perf_counter()
         path = snapshot_path(self.prefix, iteration)
-        gathered = {name: gather_to_main(self.parts[name].state_dict(), self.env) for name in self.per_rank}
+        ranks = gather_to_main({name: self.parts[name].state_dict() for name in self.per_rank}, self.env)
         error = None
         if self.env.is_main:
-            snapshot = {"format_version": FORMAT_VERSION}
+            snapshot = {"format_version": FORMAT_VERSION, "per_rank": list(self.per_rank)}
             for name, part in self.parts.items():
-                snapshot[name] = gathered[name] if name in gathered else part.state_dict()
+                snapshot[name] = [own[name] for own in ranks] if name in self.per_rank else part.state_dict()
             snapshot["meta"] = {"pixelz_dist": __version__, "torch": str(torch.__version__), "time": time.time(),
                                 **self.meta}
             try:
@@ -190,18 +195,19 @@ class Checkpointer:
             SnapshotError: the file cannot be read, lacks a part, or a part does not fit (naming the part), on this
                 rank or another.
         """
-        error, snap = None, None
-        try:
-            snap = self._restore(path, content)
+        error, snap, states = None, None, None
+        try:  # every part checks its state before any is loaded, on every rank ...
+            snap, states = self._read_and_check(path, content)
         except SnapshotError as e:
             error = e
-        outcomes = gather_from_all(None if error is None else str(error))
-        failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
-        if failed:  # every rank raises; rank 0 reports the first failure (the CLI prints rank 0's line alone)
-            if error is not None and (self.env.is_main or failed[0][0] == self.env.rank):
-                raise on_every_rank(error)
-            rank, message = failed[0]
-            raise on_every_rank(SnapshotError(f"on rank {rank}: {message}" if rank else message))
+        self._agree(error)  # ... and one rank's refusal is every rank's: a refused snapshot changes nothing anywhere
+        try:
+            for name, part in self.parts.items():
+                part.load_state_dict(states[name])
+        except SnapshotError as e:
+            error = SnapshotError(f"cannot resume from {path!r}: {e}")
+            error.__cause__ = e.__cause__
+        self._agree(error)
         self.last_path, self.last_iteration = path, int(snap["progress"]["iteration"])
         if self.env.is_main and self.prefix:
             moved = set_aside_newer(self.prefix, self.last_iteration)
@@ -213,29 +219,42 @@ class Checkpointer:
         barrier()
         return snap
 
-    def _restore(self, path: str, content: dict | None) -> dict:
+    def _read_and_check(self, path: str, content: dict | None) -> tuple[dict, dict]:
+        """The snapshot and this rank's state of each part, every part's precheck passed."""
         snap = content if content is not None else load_snapshot(path)
         missing = [name for name in self.parts if name not in snap and name not in ABSENT_MEANS]
         if missing:
             raise SnapshotError(f"snapshot {path!r} has no {', '.join(map(repr, missing))} part(s) (it has "
                                 f"{sorted(snap)}). HINT: resume from a snapshot written by train_model.")
+        saved_per_rank = snap.get("per_rank", ("rng",))
         states = {}
         for name in self.parts:
             state = snap[name] if name in snap else ABSENT_MEANS[name]
-            if name in self.per_rank:
-                # Same world size: each rank its own state (exact). Another world size: exactness is gone anyway.
+            if name in saved_per_rank:  # at another world size a part's precheck refuses what cannot move
                 state = state[self.env.rank % len(state)]
             states[name] = state
         try:
-            for name, part in self.parts.items():  # every part checks before any is loaded
+            for name, part in self.parts.items():
                 precheck = getattr(part, "precheck", None)
                 if precheck is not None:
                     precheck(states[name], snap.get("meta", {}))
-            for name, part in self.parts.items():
-                part.load_state_dict(states[name])
         except SnapshotError as e:
             raise SnapshotError(f"cannot resume from {path!r}: {e}") from e.__cause__
-        return snap
+        return snap, states
+
+    def _agree(self, error: SnapshotError | None) -> None:
+        """Every rank learns every rank's outcome (one collective, whatever happened), and when one failed, all raise
+        the same error: the first failing rank's, prefixed ``on rank N:`` unless every rank failed alike."""
+        outcomes = gather_from_all(None if error is None else str(error))
+        failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
+        if not failed:
+            return
+        rank, message = failed[0]
+        if len(failed) < len(outcomes) or len(set(outcomes)) > 1:
+            message = f"on rank {rank}: {message}"
+        if error is not None and str(error) == message:
+            raise on_every_rank(error)
+        raise on_every_rank(SnapshotError(message)) from error
 
 
 #: Parts that snapshots written before they existed lack, and the state that stands for "start fresh".

@@ -1,18 +1,22 @@
 """Snapshot files: their names, their layout, writing them atomically and reading them without running code.
 
 A snapshot is a dict of named parts (see :class:`~pixelz_dist.checkpoint.checkpointer.Checkpointer`) plus
-``format_version`` and ``meta``. Version 2 (this one)::
+``format_version``, ``per_rank`` and ``meta``. Version 3 (this one)::
 
     model, optimizer, scheduler (None without one), grad_scaler (None without one),
     progress   {"iteration"}
-    data       the batch source's state: {"kind", "epoch", "position", ...}
+    data       the batch source's state: {"kind", "epoch", "position", ...}; for a user's DataLoader, whose place
+               in the data is each rank's own, a list of them, one per rank
     epoch_loss {"sum", "count"}      the training loss of the epoch so far, for ReduceLROnPlateau
     callbacks  {"<index>:<class>": state}
     rng        [per rank: {"torch", "numpy", "python"[, "cuda"]}]
+    per_rank   the names of the parts stored as a list of states in rank order (["data", "rng"] or ["rng"])
     meta       {"pixelz_dist", "torch", "time", "optimizer"}
 
-Version 1 (pixelz_dist 0.1.0, the flat layout) kept the epoch and the position in ``progress`` and rank 0's RNG
-state in ``rng`` beside ``rng_per_rank``; :func:`load_snapshot` turns it into version 2 when it reads it.
+Version 2 named no ``per_rank``: only ``rng`` was one state per rank, and ``data`` was rank 0's alone, also for a
+user's DataLoader. Version 1 (pixelz_dist 0.1.0, the flat layout) kept the epoch and the position in ``progress``
+and rank 0's RNG state in ``rng`` beside ``rng_per_rank``. :func:`load_snapshot` turns both into version 3 when it
+reads them.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from ..fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 REQUIRED_KEYS = {1: ("format_version", "model", "optimizer", "scheduler", "progress", "data", "rng"),
-                 2: ("format_version", "model", "optimizer", "scheduler", "progress", "data", "rng")}
+                 2: ("format_version", "model", "optimizer", "scheduler", "progress", "data", "rng"),
+                 3: ("format_version", "model", "optimizer", "scheduler", "progress", "data", "rng", "per_rank")}
 _ITER_RE = re.compile(r"_iter_(\d+)\.pt$")
 
 
@@ -104,7 +109,16 @@ def load_snapshot(path: str) -> dict:
     if missing:
         raise SnapshotError(f"snapshot {path!r} lacks key(s) {missing}; it was not written by pixelz_dist's "
                             f"train_model (keys found: {sorted(snap)}).")
-    return _upgrade_from_1(snap) if version == 1 else snap
+    return _upgrade(snap)
+
+
+def _upgrade(snap: dict) -> dict:
+    """An older format's snapshot in this format's layout, one version at a time."""
+    if snap["format_version"] == 1:
+        snap = _upgrade_from_1(snap)
+    if snap["format_version"] == 2:
+        snap = _upgrade_from_2(snap)
+    return snap
 
 
 class SnapshotUnreadable(SnapshotError):
@@ -175,7 +189,27 @@ def _upgrade_from_1(snap: dict) -> dict:
     snap["progress"] = {"iteration": int(progress["iteration"])}
     snap["data"] = {**snap["data"], "epoch": int(progress["epoch"]), "position": int(progress["samples_in_epoch"])}
     snap["rng"] = snap.pop("rng_per_rank", None) or [snap["rng"]]
-    snap["format_version"] = FORMAT_VERSION
+    snap["format_version"] = 2
+    return snap
+
+
+#: The keys of a user DataLoader's state that are each rank's own (the rest is the same on every rank).
+_USER_LOADER_RANK_KEYS = ("loader", "epoch_start")
+
+
+def _upgrade_from_2(snap: dict) -> dict:
+    """Format 2 -> 3: the snapshot names its per-rank parts. A user DataLoader's ``data``, of which format 2 kept rank
+    0's alone, becomes one state per rank (``rng`` tells how many ranks wrote it): rank 0's as it was, the others'
+    without the keys only rank 0's value of was kept, so that a mid-epoch resume refuses them rather than giving
+    every rank rank 0's place in the data."""
+    snap = dict(snap)
+    snap["per_rank"] = ["rng"]
+    data = snap["data"]
+    if data.get("kind") == "user_loader":
+        others = {k: v for k, v in data.items() if k not in _USER_LOADER_RANK_KEYS}
+        snap["data"] = [data] + [others] * (len(snap["rng"]) - 1)
+        snap["per_rank"] = ["data", "rng"]
+    snap["format_version"] = 3
     return snap
 
 

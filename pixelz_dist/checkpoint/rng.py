@@ -9,6 +9,8 @@ class RNGState:
     """Every global RNG that influences training, one state per rank (the checkpointer gathers them and gives each
     rank its own back), in the form ``weights_only`` loading accepts."""
 
+    per_rank = True
+
     def state_dict(self) -> dict:
         return capture(cuda=True).to_dict()
 

@@ -44,8 +44,8 @@ class BatchSource(ABC):
 
     Subclasses set ``kind`` and ``unit`` and implement ``epoch_size``, ``begin_epoch``, ``advance``,
     ``samples_between``, ``digest``, ``batches_from``, ``samples_in_epoch``, ``batches_in_epoch``, ``close`` and the
-    ``_sampling_state`` / ``_restore_sampling`` pair. ``close(failed)`` runs on every way out of training and must
-    leave no worker process behind when ``failed``.
+    ``_sampling_state`` / ``_restore_sampling`` pair (with ``_check_sampling`` for what cannot be restored).
+    ``close(failed)`` runs on every way out of training and must leave no worker process behind when ``failed``.
 
     Args:
         restore_position: when loading a snapshot taken mid-epoch, continue at its exact position (False: at the start
@@ -56,6 +56,8 @@ class BatchSource(ABC):
     kind = "?"
     unit = "?"
     read_ahead = True  # fetching beyond the current window changes nothing a snapshot records
+    per_rank = False  # the state is the same on every rank (see the checkpointer): one global position
+    equal_lengths = True  # every rank has as many batches per epoch by construction: nothing to agree on
 
     def __init__(self, restore_position: bool = True, iter_size: int = 1):
         self.epoch = 0
@@ -89,7 +91,19 @@ class BatchSource(ABC):
         return {"kind": self.kind, "epoch": self.epoch, "position": self.position, "iter_size": self.iter_size,
                 **self._sampling_state()}
 
+    def precheck(self, state: dict, meta: dict | None = None) -> None:
+        """Refuse a state whose data position this source cannot continue from (before anything is loaded)."""
+        if not self.restore_position:
+            return
+        if state.get("kind", "dataset") != self.kind:
+            raise SnapshotError(
+                f"it was written by a run that trained from {_WHAT.get(state.get('kind'), state.get('kind'))}, and "
+                f"this run passes {_WHAT[self.kind]}: the data position cannot be carried over. HINT: pass the same "
+                "kind of data as the run that wrote it, or resume with restore_dataloader=False.")
+        self._check_sampling(state, int(state["position"]))
+
     def load_state_dict(self, state: dict) -> None:
+        self.precheck(state)
         self.skipped_rest_of_epoch = False
         self.epoch, position = int(state["epoch"]), int(state["position"])
         if not self.restore_position:
@@ -99,11 +113,6 @@ class BatchSource(ABC):
                             "goes on at the start of epoch %d", self.epoch, position, self.unit, self.epoch + 1)
                 self.skip_rest_of_epoch()
             return
-        if state.get("kind", "dataset") != self.kind:
-            raise SnapshotError(
-                f"it was written by a run that trained from {_WHAT.get(state.get('kind'), state.get('kind'))}, and "
-                f"this run passes {_WHAT[self.kind]}: the data position cannot be carried over. HINT: pass the same "
-                "kind of data as the run that wrote it, or resume with restore_dataloader=False.")
         self.position = position
         self._restore_sampling(state)
 
@@ -114,6 +123,9 @@ class BatchSource(ABC):
     @abstractmethod
     def _sampling_state(self) -> dict:
         """What decides the order of the samples (saved beside the position)."""
+
+    def _check_sampling(self, state: dict, position: int) -> None:  # noqa: B027 (optional: most can restore all)
+        """Raise ``SnapshotError`` when sampling cannot be put back at ``position`` as ``state`` has it."""
 
     @abstractmethod
     def _restore_sampling(self, state: dict) -> None:

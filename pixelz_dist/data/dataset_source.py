@@ -112,9 +112,10 @@ class DatasetSource(BatchSource):
                 "world_size": self.world_size, "num_samples": self.num_samples, "drop_last": self.drop_last,
                 "samples": self.sample_list.state_dict()}
 
-    def precheck(self, state: dict, meta: dict) -> None:
-        """Refuse to resume in the middle of an epoch of a dataset that changed since the snapshot (the same
-        position would point into another list), unless ``allow_changed_data``."""
+    def precheck(self, state: dict, meta: dict | None = None) -> None:
+        """Besides the checks of every source, refuse to resume in the middle of an epoch of a dataset that changed
+        since the snapshot (the same position would point into another list), unless ``allow_changed_data``."""
+        super().precheck(state, meta)
         change = self.sample_list.difference(state.get("samples"))
         if change is None and state.get("num_samples", self.num_samples) != self.num_samples:  # older snapshots
             change = f"{state['num_samples']} samples when the snapshot was written, {self.num_samples} now"

@@ -13,6 +13,13 @@ can do that when we can put the sampling back to where the epoch began and skip 
   global one when either is missing, since the DataLoader then draws its seeds from it).
 
 Anything else cannot be put back, and resuming it mid-epoch is refused with the ways out, never silently wrong.
+
+Under torchrun each rank's loader reads its own shard, so that state is each rank's own (``per_rank``: the
+checkpointer keeps one per rank and hands each rank its own back), and a mid-epoch snapshot resumes only with as many
+processes as wrote it. Unlike our own dataset path, whose position counts global samples and reshards exactly, a
+user's loader has no global position to divide among another number of processes. The ranks' loaders may also differ
+in length (``equal_lengths`` is False): the loop has them agree when an epoch ends (see
+:mod:`pixelz_dist.engine.uneven`) and tells the source how long the epoch is then (``limit_epoch``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from ..errors import ConfigError, SnapshotError
+from ..errors import ConfigError, DataError, SnapshotError
+from ..random_state import capture, preserved
 from .batch_source import BatchSource, stop_workers
 from .sampler import ResumableBatchSampler
 
@@ -107,6 +115,8 @@ class UserLoaderSource(BatchSource):
 
     kind = "user_loader"
     unit = "batches"
+    per_rank = True  # each rank's loader (or sampler) is at its own place in its own shard
+    equal_lengths = False  # a rank's IterableDataset or batch sampler may yield more batches than another's
 
     def __init__(self, loader: DataLoader, env, restore_position: bool = True, iter_size: int = 1):
         super().__init__(restore_position=restore_position, iter_size=iter_size)
@@ -135,13 +145,25 @@ class UserLoaderSource(BatchSource):
         self.world_size = env.world_size
         self.global_batch = self.batch_size * self.world_size
         self._epoch_start: dict | None = None  # how sampling stood when the current epoch began
+        self._agreed: tuple[int | None] | None = None  # (the current epoch's batches on every rank,) once agreed
         self._pending: dict | None = None  # state from a snapshot, used by the next begin_epoch
         self._iterator = None  # the iterator this epoch made (of the loader, or of its twin on a resume)
 
     # -- what the engine asks ----------------------------------------------------------------------------------------
     @property
     def epoch_size(self) -> int | None:
-        return self.length
+        """Batches in the current epoch: the ranks' agreed number once the loop set it (the same on every rank, so
+        that a snapshot interval in epochs is due on all of them alike), else this loader's length."""
+        return self._agreed[0] if self._agreed is not None else self.length
+
+    def limit_epoch(self, remaining: int | None) -> None:
+        """The ranks agreed that the current epoch ends after ``remaining`` more batches (None: when the first rank
+        runs out, which none can tell ahead)."""
+        self._agreed = (None if remaining is None else self.position + remaining,)
+
+    def end_epoch(self) -> None:
+        super().end_epoch()
+        self._agreed = None
 
     def advance(self, batches: int) -> tuple[int, int]:
         begin = self.position
@@ -179,21 +201,21 @@ class UserLoaderSource(BatchSource):
         if position == 0:
             self._epoch_start = self._capture()
             self._iterator = iter(self.loader)
-            return self._iterator, self.batches_from(0)
-        if pending is None:
+        elif pending is None:
             raise SnapshotError("internal: a mid-epoch position without the loader's saved state")
-        if self.stateful_loader:
+        elif self.stateful_loader:
             self.loader.load_state_dict(pending["loader"])
             self._epoch_start = pending.get("epoch_start")
-            now = torch.get_rng_state()
-            try:  # the interrupted run drew the epoch's seeds before the snapshot: drawing again would shift dropout
+            # the interrupted run drew the epoch's seeds before the snapshot: drawing again would shift dropout
+            with preserved(numpy=False, python=False):
                 self._iterator = iter(self.loader)
-            finally:
-                torch.set_rng_state(now)
-            return self._iterator, self.batches_from(position)
-        self._epoch_start = pending["epoch_start"]
-        self._iterator = self._replay(pending["epoch_start"], position)
-        return self._iterator, self.batches_from(position)
+        else:
+            self._epoch_start = pending["epoch_start"]
+            self._iterator = self._replay(pending["epoch_start"], position)
+        remaining = self.batches_from(position)
+        if self.iterable and remaining is not None:  # an IterableDataset's __len__ is a claim nothing enforces
+            return _held_to_length(self._iterator, position, remaining, self), remaining
+        return self._iterator, remaining
 
     def close(self, failed: bool = False) -> None:
         """The loader is the user's (and a stateful one is still asked for its state by the final snapshot): its
@@ -206,7 +228,7 @@ class UserLoaderSource(BatchSource):
     # -- snapshots ------------------------------------------------------------------------------------------------
     def _sampling_state(self) -> dict:
         state = {"length": self.length, "batch_size": self.batch_size, "world_size": self.world_size,
-                 "epoch_start": self._epoch_start}
+                 "epoch_size": self.epoch_size, "epoch_start": self._epoch_start}
         if self.stateful_loader:
             state["loader"] = self.loader.state_dict()
         return state
@@ -225,11 +247,19 @@ class UserLoaderSource(BatchSource):
             return f"its {type(s).__name__} has no state_dict()/load_state_dict() and is not one of torch's samplers"
         return None
 
-    def _restore_sampling(self, state: dict) -> None:
-        """Prepare the next ``begin_epoch`` to continue at the position; refuse what cannot be restored."""
-        position = self.position
+    def _check_sampling(self, state: dict, position: int) -> None:
+        """Refuse a mid-epoch state that cannot be put back here (at an epoch's start nothing is needed)."""
         if position == 0:
             return
+        saved = int(state.get("world_size", 1))
+        if saved != self.world_size:
+            raise SnapshotError(
+                f"it was taken {position} batches into epoch {state['epoch']} by {saved} process(es), and this run "
+                f"has {self.world_size}: each process's DataLoader was at its own place in its own shard, which "
+                f"cannot be divided among {self.world_size} process(es). HINT: resume with {saved} process(es) "
+                f"(torchrun --nproc_per_node ... with WORLD_SIZE={saved}), or with restore_dataloader=False to start "
+                f"at the beginning of epoch {int(state['epoch']) + 1}; passing the dataset itself instead of a "
+                "DataLoader lets train_model reshard it at any world size.")
         why = self.restorable()
         if why is not None:
             raise SnapshotError(
@@ -237,15 +267,23 @@ class UserLoaderSource(BatchSource):
                 f"there: {why}. HINT: give the sampler state_dict()/load_state_dict(), use torchdata's "
                 "StatefulDataLoader, pass the dataset itself instead of a DataLoader, or resume with "
                 "restore_dataloader=False (training continues at the start of the next epoch).")
-        if self.stateful_loader and "loader" not in state:
-            raise SnapshotError("it holds no DataLoader state (key 'data.loader'); it was not written with this "
-                                "stateful loader. HINT: resume with restore_dataloader=False.")
-        if not self.stateful_loader and state.get("epoch_start") is None:
-            raise SnapshotError("it holds no epoch-start sampler state (key 'data.epoch_start'). HINT: resume "
-                                "with restore_dataloader=False.")
+        key = "loader" if self.stateful_loader else "epoch_start"
+        if state.get(key) is None:
+            what = "DataLoader state" if self.stateful_loader else "epoch-start sampler state"
+            raise SnapshotError(
+                f"it holds no {what} of this process (key 'data.{key}'): it was written with another kind of "
+                "DataLoader, or, under torchrun, by a pixelz_dist that kept rank 0's alone (snapshot format 2). "
+                "HINT: resume with restore_dataloader=False (training continues at the start of the next epoch).")
+
+    def _restore_sampling(self, state: dict) -> None:
+        """Prepare the next ``begin_epoch`` to continue at the position (``_check_sampling`` passed)."""
+        if self.position == 0:
+            return
         if state.get("length") != self.length:
             logger.warning("the DataLoader had %s batches per epoch when the snapshot was written and has %s now",
                            state.get("length"), self.length)
+        if self.world_size > 1 and "epoch_size" in state:  # the ranks' agreed epoch until the loop agrees again:
+            self._agreed = (state["epoch_size"],)  # a snapshot interval in epochs stays due on every rank alike
         self._pending = state
 
     # -- replaying the start of an epoch --------------------------------------------------------------------------
@@ -259,7 +297,7 @@ class UserLoaderSource(BatchSource):
         """Everything that decides the epoch's batches, taken just before ``iter(loader)``."""
         state = {"samplers": {str(i): s.state_dict() for i, s in enumerate(_samplers(self.loader)) if _stateful(s)},
                  "generators": {k: g.get_state() for k, g in self._generators().items()},
-                 "global_rng": torch.get_rng_state()}
+                 "global_rng": capture(numpy=False, python=False).torch}
         return state
 
     def _replay(self, start: dict, skip: int):
@@ -271,15 +309,29 @@ class UserLoaderSource(BatchSource):
         for k, st in start["generators"].items():
             if k in gens:
                 gens[k].set_state(st)
-        now = torch.get_rng_state()
-        torch.set_rng_state(start["global_rng"])
-        try:
+        with preserved(numpy=False, python=False):  # the trainer's own stream is left where the snapshot put it
+            torch.default_generator.set_state(start["global_rng"])
             twin, skipper = _twin(self.loader, skip)
             it = iter(twin)  # draws the loader's base seed here, as the epoch's iter(loader) did
             skipper.current.prime()  # and then the sampler's, as its first batch did
-        finally:
-            torch.set_rng_state(now)
         return it
+
+
+def _held_to_length(iterator, start: int, expected: int, source: UserLoaderSource):
+    """``iterator`` (from batch ``start`` of the epoch on), raising a ``DataError`` that says why when it ends before
+    the ``expected`` batches its length promised (the loop would otherwise stop with a bare ``StopIteration``, and
+    under torchrun leave the other ranks waiting in a collective)."""
+    got = 0
+    for batch in iterator:
+        got += 1
+        yield batch
+    if got < expected:
+        raise DataError(
+            f"the DataLoader ended after {start + got} batches of epoch {source.epoch}, but its length "
+            f"says {source.length}: its IterableDataset ({type(source.loader.dataset).__name__}) has a __len__ of "
+            f"{source.dataset_length} that this process's iteration does not yield. HINT: make __len__ return the "
+            "number of samples this process yields (its own shard, not the whole dataset), or remove __len__ (the "
+            "processes then agree on each epoch's end as they go).")
 
 
 def _twin(loader: DataLoader, skip: int) -> tuple[DataLoader, _SkipFirst]:

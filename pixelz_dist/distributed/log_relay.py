@@ -5,7 +5,7 @@ shows every rank's, prefixed). Warnings and errors are different: the bad file r
 found changed on resume, must reach the job's output, and 64 ranks must not print 64 copies. While ``train_model``
 runs, :func:`rank_logging` puts a :class:`LogRelay` on the library's loggers: a WARNING or worse, on any rank, in the
 main process or a DataLoader worker, becomes one entry in the job's c10d store; rank 0 prints what has arrived at
-fixed points (training starts, each log line, each epoch end, the end, any error on the way out), identical messages
+fixed points (training starts, each log line, the end, any error on the way out), identical messages
 merged into one line that names the ranks: ``[ranks 1,3-5] skipping sample 7 ...``.
 
 Why the store, and not each rank writing ``[rank N] ...`` to its own stderr:
@@ -20,10 +20,10 @@ Why the store, and not each rank writing ``[rank N] ...`` to its own stderr:
   (SIGKILL, a crash in native code) loses them, and its own lines with them.
 - DataLoader workers are forked: they inherit the relay but not a usable connection (a socket shared across fork is
   not usable), so each process opens its own the first time it logs (:func:`job_store`, keyed by pid).
-- Rank 0 prints at points every rank has passed together (each follows a collective: DDP's broadcast at the start,
-  the log line's sum over ranks, the last step's gradient all-reduce at an epoch's end, a barrier at the end), so the
-  same message logged at the same place of the program on every rank is in the store by then and meets its copies
-  in one line.
+- Rank 0 prints right after a collective (DDP's broadcast at the start, the log line's sum over ranks, a barrier at
+  the end): whatever any rank logged before entering that collective is in the store by then, so the same message
+  logged at the same place of the program on every rank meets its copies in one line. (Not at an epoch's end: a
+  warning every rank logs there, after the last collective, would race rank 0's flush and come out twice.)
 - The user's logging configuration is kept: rank 0 re-emits each merged line as a record of the logger that logged
   it (its level, the time of its first occurrence), through that logger's handlers and the root's.
 - Keys live under ``pixelz_dist/logs/attempt_{TORCHELASTIC_RESTART_COUNT}/call_{n}``: a restarted job must not meet
@@ -223,16 +223,13 @@ def job_store(namespace: str):
 
 class FlushPoints:
     """The relay's flush points that are callback events (used as a callback; the log line flushes through
-    :func:`flush_rank_logs`). Each follows a collective: training starts after DDP's broadcast, an epoch ends after
-    its last step's all-reduce, training ends after the last exchange of stop requests."""
+    :func:`flush_rank_logs`). Each follows a collective: training starts after DDP's broadcast, and ends after the
+    last exchange of stop requests and the final snapshot's broadcast."""
 
     def __init__(self, relay: LogRelay):
         self.relay = relay
 
     def on_train_start(self, state):
-        self.relay.flush()
-
-    def on_epoch_end(self, state):
         self.relay.flush()
 
     def on_train_end(self, state):

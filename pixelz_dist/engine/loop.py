@@ -5,6 +5,7 @@ Pseudocode of one run::
     place the model (device, SyncBN); resume every part from a snapshot (optional); wrap it (DDP, compile)
     while not done:
         source.begin_epoch()                                   # from its position: skipped batches are not loaded
+        (a user's loader under torchrun: the ranks agree on the epoch's end, the first rank out of data ends it)
         for each window of iter_size micro-batches (shorter only at the epoch's end):
             for each micro-batch:  (loss(model(*batch)) / window).backward()    # no_sync() but for the last
             callbacks.on_after_backward; optimizer.step(); optimizer.zero_grad()
@@ -47,7 +48,7 @@ from ..data.user_loader import UserLoaderSource
 from ..distributed.env import collective_device, default_num_workers, is_initialized, read_env, sum_over_ranks
 from ..distributed.model_wrapping import prepare_model
 from ..distributed.preemption import Interrupted, Preempted, PreemptionFlag
-from ..errors import PixelzError
+from ..errors import DataError, PixelzError
 from ..fileio import AppendFile
 from .model_call import call_model, extract_loss
 from .precision import MixedPrecision
@@ -57,6 +58,7 @@ from .scheduling import SchedulerStepper
 from .settings import RunSettings
 from .state import Progress, TrainState
 from .train_mode import TRAINING, TrainMode
+from .uneven import UnevenEpochs
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,9 @@ class Engine:
         self.preemption = PreemptionFlag()
         self._group, self._group_made_here = agreement_group() if self.distributed else (None, False)
         self.requests = Requests(self.preemption, self.distributed, self._group)
+        # ranks whose loaders may differ in length agree on each epoch's end (our own sources are equal by design)
+        self.uneven = (UnevenEpochs(env.world_size, self._group)
+                       if self.distributed and not self.source.equal_lengths else None)
         self.state = TrainState(self)
         self.schedule = SnapshotSchedule(s.snapshot_interval, by_epochs=s.num_epochs is not None)
         log_prefix = (s.log_prefix or s.snapshot_prefix) if env.is_main else None
@@ -248,8 +253,12 @@ class Engine:
         for hook in self.callbacks.on_epoch_start:
             hook(self.state)
         loader_iter, remaining = source.begin_epoch()
+        uneven = self.uneven
+        if uneven is not None:
+            remaining = uneven.remaining(remaining)
+            source.limit_epoch(remaining)
         batches = self.feed.feed(loader_iter) if loader_iter is not None else None
-        consumed = 0
+        consumed, started_at = 0, source.position
         # loop invariants, looked up once per epoch rather than once per step (the budget is ~20 us per step)
         iter_size, order, on_iteration_end = self.s.iter_size, self.order, self.callbacks.on_iteration_end
         state, stepper, step_per_iteration = self.state, self.stepper, self.stepper.per_iteration
@@ -266,12 +275,16 @@ class Engine:
             if remaining is None:  # a DataLoader without a length: look ahead to know the window
                 window_batches = [b for _, b in zip(range(iter_size), batches)]
                 window = len(window_batches)
+                if uneven is not None:  # the shortest any rank read: a rank out of data ends the epoch for all
+                    window = uneven.window(window, iter_size)
                 if window == 0:
                     break
                 run_iteration(iter(window_batches), window)
+                ended = window < iter_size  # a short window: the (first) loader ran dry
             else:
                 window = min(iter_size, remaining - consumed)
                 run_iteration(batches, window)
+                ended = consumed + window == remaining
             consumed += window
             begin, end = advance(window)
             p.iteration += 1
@@ -283,14 +296,19 @@ class Engine:
                 stepper.after_iteration(self.global_last_loss)
             for hook in on_iteration_end:
                 hook(state)
-            if consumed == remaining:
+            if ended:
                 self.end_epoch()
             if (check_every_step or p.iteration % display_iter == 0 or requests.snapshot
                     or preemption.received is not None):
                 self.after_iteration()
-            if requests.stopping or p.iteration >= last_iteration:
+            if ended or requests.stopping or p.iteration >= last_iteration:
                 return
         if remaining is None or remaining == 0:  # the loader ran dry, or we resumed exactly at an epoch's end
+            if consumed == started_at == 0:  # else every epoch would end at once, and num_iters never be reached
+                raise DataError(f"the DataLoader yielded no batch in epoch {source.epoch}"
+                                f"{' on at least one process' if self.uneven is not None else ''}: there is "
+                                "nothing to train on. HINT: check the dataset (under torchrun: that every "
+                                "process's shard holds samples).")
             self.end_epoch()
 
     def run_iteration(self, batches, window: int) -> None:
@@ -370,6 +388,8 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def end_epoch(self) -> None:
+        if self.uneven is not None:
+            self.uneven.epoch_ended(self.source.epoch, self.source.position)
         self.source.end_epoch()
         self.stepper.after_epoch()
         for hook in self.callbacks.on_epoch_end:

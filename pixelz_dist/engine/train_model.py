@@ -52,7 +52,9 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
             ``ReduceLROnPlateau`` is stepped with the mean training loss of that epoch / iteration.
         dataset: a map-style dataset (``__len__`` and ``__getitem__``), or a ``DataLoader`` you built (then you own
             sampling: ``batch_size`` must be None or the loader's, and shuffle / num_workers / collate_fn /
-            drop_last / seed_data stay at their defaults; see the README for what resumes exactly).
+            drop_last / seed_data stay at their defaults; see the README for what resumes exactly). Under torchrun
+            its processes may yield different numbers of batches: each epoch ends on all of them when the first
+            runs out (one log line says how many each had left).
         batch_size: samples per micro-batch.
         shuffle: a new permutation each epoch, a pure function of (seed, epoch).
         snapshot_prefix: snapshots are written to ``{snapshot_prefix}_iter_{N}.pt``; metrics to
@@ -67,7 +69,8 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
             (no snapshot there: start fresh; damaged ones are skipped with a warning for an older one; snapshots of
             which none loads, or one that cannot be read, stop the run with a SnapshotError, see ``overwrite``).
         restore_dataloader: resume at the exact sample the snapshot was taken at; False starts the next epoch from
-            its beginning (the seed tool's behaviour).
+            its beginning (the seed tool's behaviour). A DataLoader you built keeps its place per process: a snapshot
+            of it taken mid-epoch resumes with as many processes as wrote it, or with False.
         display_gpu: add allocated / reserved / peak GPU memory to the log line.
         schedule_on_iter: step the scheduler every iteration instead of every epoch.
         seed: seeds the data order and the per-batch augmentation RNGs.
