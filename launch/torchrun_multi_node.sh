@@ -20,6 +20,9 @@
 #              on a free port of the first node (so every port there must be reachable from the others). With torch's
 #              default (0) a node whose agent was restarted never joined the others' restart: both agents waited 60 s
 #              for each other's keys and the job failed (tests/test_multinode.py, torch 2.14).
+#   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME  (not set here; passed on to the trainers) the network interface gloo /
+#              NCCL talk on, e.g. eth0 / ib0, on nodes with several (InfiniBand, docker0): without them each picks one
+#              from the hostname, maybe one the other nodes cannot reach, and the job hangs in its first collective.
 # torchrun forwards SIGUSR1 and SIGUSR2 to the trainers too (torch >= 2.10), which snapshot and exit with code 75.
 set -euo pipefail
 
