@@ -175,3 +175,18 @@ def test_training_reduces_loss(tmp_path):
                 break
     after = eval_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_the_demo_tensors_equal_torchvisions_conversions_bit_for_bit():
+    """The demo converts images without importing torchvision (a second saved per process); the values must be
+    torchvision's, or resumed runs of older snapshots would differ."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from pixelz_dist.cli.demo import to_mask, to_tensor_grey, to_tensor_rgb
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 23, 3), dtype=np.uint8))
+    grey = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))  # every value once
+    assert torch.equal(to_tensor_rgb(rgb), TF.to_dtype(TF.pil_to_tensor(rgb), torch.float32, scale=True))
+    assert torch.equal(to_tensor_grey(grey), TF.to_dtype(TF.pil_to_tensor(grey), torch.float32, scale=True))
+    assert torch.equal(to_mask(grey), (TF.pil_to_tensor(grey) > 127).to(torch.float32))
