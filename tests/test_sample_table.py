@@ -1,16 +1,24 @@
-"""The sample table: arrays and byte buffers that DataLoader workers read without copying."""
+"""The sample table: arrays and byte buffers that DataLoader workers read without copying, and how it is handed over.
+
+The hand-over tests use a real TCPStore server in this process, as torchrun's agent hosts one, and play the job's
+ranks one after the other by setting RANK.
+"""
 
 import os
 import pickle
 import sys
+from collections import Counter
+from datetime import timedelta
 
 import numpy as np
 import psutil
 import pytest
+import torch.distributed as tdist
 from torch.utils.data import DataLoader
 
 from pixelz_dist.data.multi_images import MultiImgsDataset
 from pixelz_dist.data.sample_table import FileColumn, SampleTable, StringTable
+from pixelz_dist.distributed import once_per_job
 from pixelz_dist.errors import DataError
 
 NAMES = ["x1", "", "é2", "b\udcff", "x10"]  # an empty name, a non-ASCII one, one whose bytes are not UTF-8
@@ -122,3 +130,64 @@ def test_a_dataloader_workers_memory_does_not_grow_with_the_samples_it_reads(tmp
     bound = 10 << 20
     assert old_form > 3 * bound  # the lists of str this table replaces weigh over three times the bound
     assert growth < bound, f"the worker's USS grew by {growth / 2**20:.1f} MiB reading {len(ds)} samples"
+
+
+def test_without_a_torchrun_store_or_a_group_every_process_lists_for_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # an env:// launcher (srun) before the group: nothing to wait for
+    assert MultiImgsDataset(_multi(tmp_path, 5)).stems == [f"img{i}" for i in range(5)]
+
+
+# -- the hand-over through the job's store ----------------------------------------------------------------------------
+@pytest.fixture
+def job_store(monkeypatch):
+    """A store as torchrun's agent hosts one, for a job of 3 ranks."""
+    store = tdist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30))
+    for name, value in {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(store.port), "WORLD_SIZE": "3", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    return store
+
+
+def as_rank(monkeypatch, rank):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(once_per_job, "_calls", Counter())  # each rank is a process of its own
+
+
+def handover(produce, name="thing"):
+    return once_per_job.from_rank0(name, produce, bytes, bytes, "the thing", "make it on rank 0")
+
+
+def test_rank_0s_result_reaches_every_rank_in_chunks_and_leaves_the_store_clean(job_store, monkeypatch):
+    big = os.urandom((8 << 20) + 12345)  # over the store's 8 MiB limit for one value
+    as_rank(monkeypatch, 0)
+    assert handover(lambda: big) == big and handover(lambda: b"second") == b"second"
+    for rank in (1, 2):
+        as_rank(monkeypatch, rank)
+        assert handover(lambda: pytest.fail("only rank 0 produces")) == big
+        assert handover(lambda: pytest.fail("only rank 0 produces")) == b"second"
+    keys = [f"pixelz_dist/once/attempt_0/thing/{n}/{part}" for n in (1, 2) for part in ("0", "meta", "read")]
+    assert not any(job_store.check([key]) for key in keys + ["pixelz_dist/once/attempt_0/thing/1/2"])  # deleted
+
+
+@pytest.mark.parametrize("error,expected", [(DataError("folder 'x' does not exist"), "folder 'x' does not exist"),
+                                            (PermissionError("denied"), "rank 0 failed: PermissionError: denied")])
+def test_rank_0s_error_is_raised_on_every_rank_with_its_message(job_store, monkeypatch, error, expected):
+    def fail():
+        raise error
+
+    as_rank(monkeypatch, 0)
+    with pytest.raises(type(error)) as raised:
+        handover(fail)
+    assert getattr(raised.value, "on_every_rank", True)
+    as_rank(monkeypatch, 1)
+    with pytest.raises(DataError) as received:
+        handover(fail)
+    assert str(received.value) == expected and received.value.on_every_rank
+
+
+def test_a_rank_whose_rank_0_hands_nothing_over_fails_after_the_timeout_with_a_hint(job_store, monkeypatch):
+    monkeypatch.setenv("PIXELZ_DIST_TIMEOUT", "1")
+    as_rank(monkeypatch, 2)
+    with pytest.raises(DataError, match=r"rank 0 did not hand over the thing within 1 s .*HINT: make it on rank 0"):
+        handover(bytes)

@@ -1,7 +1,8 @@
 """Datasets whose samples are several images taken from parallel folders (inputs, hints, targets).
 
 The folders are scanned once with ``os.scandir`` and no image is opened until it is asked for, so building a
-dataset over a hundred thousand files takes a fraction of a second. The table lives in numpy arrays and
+dataset over a hundred thousand files takes a fraction of a second. Under torchrun one process of the job lists them
+and the others receive the table (:mod:`~pixelz_dist.distributed.once_per_job`). The table lives in numpy arrays and
 bytes buffers (:mod:`~pixelz_dist.data.sample_table`), never lists of ``str``, so DataLoader workers read it without
 copying it; the object holds those and module-level callables so it pickles cleanly into workers. Images are decoded
 by :func:`~pixelz_dist.images.fast_img_loader` (libjpeg-turbo for JPEG, Pillow's pixels).
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..distributed.once_per_job import from_rank0, key_name
 from ..errors import ConfigError, DataError
 from ..random_state import capture
 from .crop_plan import Box, CropPlanner
@@ -29,7 +31,7 @@ from .jpeg_region import region_decoder_agrees
 from .labels import LABEL, to_label_tensor
 from .pixel_cache import PixelCache
 from .region_sources import open_source
-from .sample_table import FileColumn, StringTable
+from .sample_table import FileColumn, SampleTable, StringTable
 
 __all__ = ["IMAGE_EXTENSIONS", "MultiImgsDataset", "natural_key", "pil_loader", "scan_images"]
 
@@ -134,6 +136,13 @@ class MultiImgsDataset(Dataset):
             and decodes only the crop's JPEG rows and columns, bit-identical to decoding the whole image;
             ``"scaled"`` also decodes a JPEG at 1/2, 1/4 or 1/8 in libjpeg's DCT domain when the crop is at least
             that many times the output (faster, not bit-identical); ``"off"`` decodes whole images.
+        shared_listing: Under torchrun (``True``, default), rank 0 lists the folders and pairs the files, and the other
+            ranks receive the table through the job's store: one listing per job instead of one per rank, and every
+            rank trains on the same list. Every rank must then build this dataset, in the same order as its other
+            datasets over the same folders. Without torchrun's store (a plain ``python`` process, ``srun`` with
+            ``env://`` before the process group exists), each process lists the folders itself, as it does with
+            ``False``; after a process group of your own exists, rank 0's table is broadcast.
+
     Attributes:
         dirs: The folders, as strings.
         files: Per folder, the full paths of its files in sample order: a read-only sequence of ``str`` per folder
@@ -146,7 +155,8 @@ class MultiImgsDataset(Dataset):
     Raises:
         ConfigError: bad ``dirs``, ``transforms``, ``modes``, ``kinds`` (a label folder of kind image), ``match`` or
             ``on_error``.
-        DataError: a folder is missing or empty, or the folders do not pair up (both are ``ValueError``).
+        DataError: a folder is missing or empty, or the folders do not pair up (both are ``ValueError``); under
+            torchrun, on every rank when rank 0 found it.
     """
 
     def __init__(
@@ -161,6 +171,7 @@ class MultiImgsDataset(Dataset):
         on_error: str = "raise",
         cache_dir: str | os.PathLike[str] | None = None,
         crop_decode: str = "exact",
+        shared_listing: bool = True,
     ) -> None:
         if isinstance(dirs, (str, bytes, os.PathLike)):
             raise ConfigError(f"dirs must be a list of folders, not a single path {dirs!r}")
@@ -207,13 +218,21 @@ class MultiImgsDataset(Dataset):
             self._planner = planner if planner.supported else None
         self._regions = self._planner is not None and region_decoder_agrees()
 
-        table = list_samples(self.dirs, match)
+        table = self._list(shared_listing)
         self.stems: StringTable = table.stems
         # os.path.join(d, "") appends the separator exactly as os.path.join(d, name) would; concatenation is faster.
         self.files: list[FileColumn] = table.columns([os.path.join(d, "") for d in self.dirs])
         self._bad: set[int] = set()
         self._first_error: DataError | None = None
         logger.debug("MultiImgsDataset: %d samples from %d folders (match=%s)", len(self.stems), n, match)
+
+    def _list(self, shared: bool) -> SampleTable:
+        dirs, match = self.dirs, self.match
+        if not shared:
+            return list_samples(dirs, match)
+        return from_rank0(f"listing_{key_name(dirs, match)}", lambda: list_samples(dirs, match), SampleTable.encode,
+                          SampleTable.decode, f"the listing of {dirs}", "every rank must build the same datasets in "
+                          "the same order; for a dataset built on some ranks only, pass shared_listing=False")
 
     def _set_transforms(self, transforms: Any) -> None:
         n = len(self.dirs)
