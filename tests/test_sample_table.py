@@ -6,15 +6,12 @@ ranks one after the other by setting RANK.
 
 import os
 import pickle
-import sys
 from collections import Counter
 from datetime import timedelta
 
 import numpy as np
-import psutil
 import pytest
 import torch.distributed as tdist
-from torch.utils.data import DataLoader
 
 from pixelz_dist.data.multi_images import MultiImgsDataset
 from pixelz_dist.data.sample_table import FileColumn, SampleTable, StringTable
@@ -92,44 +89,6 @@ def test_the_dataset_holds_no_python_object_per_sample(tmp_path, match):
     assert _per_sample_containers(ds, 64) == []
     assert isinstance(ds.stems, StringTable) and all(isinstance(c, FileColumn) for c in ds.files)
     assert ds.files[1][3] == os.path.join(tmp_path, "f1", "img3.png") and ds.stems[10] == "img10"
-
-
-def _path_length(path):
-    """A loader that opens nothing: the workers' reads of the table are all that is measured."""
-    return len(path)
-
-
-@pytest.mark.slow
-def test_a_dataloader_workers_memory_does_not_grow_with_the_samples_it_reads(tmp_path):
-    """A worker reads all 3 x 60 000 paths; its unique memory (USS: RSS counts shared pages in full) must not grow
-    with the table (about 4 MiB here, the worker's own work). With lists of str (41 MB of them) it grew by 25-28 MiB:
-    every read dirtied the pages of the strings it read."""
-    n, long = 60_000, "a_long_file_name_so_that_each_entry_weighs_what_real_ones_do"
-    dirs = []
-    for k in range(3):
-        d = tmp_path / f"folder{k}"
-        d.mkdir()
-        (d / "source.png").touch()
-        for i in range(n):  # hard links: a directory entry each, no inode, no data
-            os.link(d / "source.png", d / f"{long}_{i:06d}.png")
-        dirs.append(str(d))
-    ds = MultiImgsDataset(dirs, loader=_path_length)
-    as_lists = [list(column) for column in ds.files] + [list(ds.stems)]
-    old_form = sum(sys.getsizeof(s) for column in as_lists for s in column) + sum(map(sys.getsizeof, as_lists))
-    del as_lists
-    order = np.random.default_rng(0).permutation(len(ds)).tolist()
-    batches = [order[:1]] + [order[i : i + 512] for i in range(1, len(order), 512)]
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=1, persistent_workers=True)
-    it = iter(loader)
-    next(it)
-    (worker,) = psutil.Process().children()
-    before = worker.memory_full_info().uss
-    assert sum(len(batch[0]) for batch in it) == len(ds) - 1
-    growth = worker.memory_full_info().uss - before
-    del it, loader
-    bound = 10 << 20
-    assert old_form > 3 * bound  # the lists of str this table replaces weigh over three times the bound
-    assert growth < bound, f"the worker's USS grew by {growth / 2**20:.1f} MiB reading {len(ds)} samples"
 
 
 def test_without_a_torchrun_store_or_a_group_every_process_lists_for_itself(tmp_path, monkeypatch):
