@@ -11,13 +11,14 @@ made in a temporary folder and removed at the end. Each measurement is one JSON 
   PNGs decoded, batches of 32); each worker's unique memory (USS, ``memory_full_info().uss``: RSS counts the pages it
   shares with its parent in full) after its first batch and at the end. Four variants, each in a fresh process,
   rounds interleaved: ``table="arrays"`` (the dataset as it is) or ``"lists of str"`` (the same dataset with
-  ``files`` and ``stems`` turned back into the lists of ``str`` it held up to 0.1.0, read by the same code), and
-  ``gc_frozen_at_fork`` (the workers started as ``train_model`` starts them, ``batch_source.start_iterator``) or not
-  (a plain ``iter(loader)``, as 0.1.0 did). ``worker_uss_summary``: the largest growth of each.
+  ``files`` and ``stems`` turned back into the lists of ``str`` it held before issue 22 (ffa8613), read by the same
+  code), and ``gc_frozen_at_fork`` (the workers started as ``train_model`` starts them,
+  ``batch_source.start_iterator``) or not (a plain ``iter(loader)``, as before). ``worker_uss_summary``: the largest
+  growth of each.
 * ``construction``: building a ``MultiImgsDataset`` over 3 folders of ``--million`` files each (median of
   ``--rounds``, a warm-up round first), beside the floor (listing the folders with ``os.scandir``, nothing else)
-  and a copy of 0.1.0's construction (the same listing and pairing, then lists of path strings); the table's bytes
-  against those lists' (``sys.getsizeof`` of every list and string).
+  and a copy of the construction before issue 22 (the same listing and pairing, then lists of path strings); the
+  table's bytes against those lists' (``sys.getsizeof`` of every list and string).
 * ``handover``: what one listing per job costs the other ranks: rank 0 encodes the million-sample table and puts it
   in a real TCPStore (in this process, as torchrun's agent hosts one), a second client fetches and decodes it; the
   bytes each rank downloads; then ``--receivers`` processes fetch and decode it at once (wall time of them all). The
@@ -58,7 +59,7 @@ from pixelz_dist.distributed import once_per_job  # noqa: E402
 
 LINKS_PER_SOURCE = 50_000
 FOLDERS = (("rgb", ".png", "RGB"), ("hint", ".png", "L"), ("mask", ".png", "L"))
-#: (table, garbage collector frozen while the workers fork): now, each change alone, and 0.1.0.
+#: (table, garbage collector frozen while the workers fork): now, each change alone, and before.
 VARIANTS = (("arrays", True), ("lists of str", True), ("arrays", False), ("lists of str", False))
 
 
@@ -79,7 +80,7 @@ def make_folders(root: str, n: int) -> list[str]:
 
 
 def as_lists(dataset):
-    """The same dataset with its table as 0.1.0 held it: lists of str (read by the very same ``__getitem__``)."""
+    """The same dataset with its table held as before issue 22: lists of str (read by the very same ``__getitem__``)."""
     legacy = copy.copy(dataset)
     legacy.files = [list(column) for column in dataset.files]
     legacy.stems = list(dataset.stems)
@@ -118,7 +119,7 @@ def measure_worker_uss(cfg: dict) -> None:
 
 
 def legacy_construction(dirs: list[str]) -> tuple[list[str], list[list[str]]]:
-    """A copy of 0.1.0's MultiImgsDataset construction: list, pair by stem, lists of path strings."""
+    """A copy of MultiImgsDataset's construction before issue 22: list, pair by stem, lists of path strings."""
     names = [folder_listing.scan_folder(d) for d in dirs]
     stems, per_folder = folder_listing.match_by_stem(dirs, names)
     return stems, [[prefix + name for name in folder_names]
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
         worst = {name: round(max(g), 1) for name, g in growth.items()}
         print(json.dumps({"benchmark": "dataset_scale", "measure": "worker_uss_summary", "files": 3 * per_folder,
                           "samples": samples, "max_growth_mib": worst,
-                          "ratio_0_1_0_over_now": round(worst["lists of str, gc not frozen"]
+                          "ratio_before_over_now": round(worst["lists of str, gc not frozen"]
                                                         / max(worst["arrays, gc frozen"], 0.1), 1),
                           "links_made_s": round(t_make, 1), **common}), flush=True)
         shutil.rmtree(os.path.join(root, "uss"))
@@ -233,13 +234,13 @@ def main(argv=None) -> int:
             return 0
 
         t_make, dirs = timed(lambda: make_folders(os.path.join(root, "million"), million))
-        times = {"scandir": [], "MultiImgsDataset": [], "0.1.0": []}
+        times = {"scandir": [], "MultiImgsDataset": [], "before": []}
         for r in range(rounds + 1):  # round 0 warms the directory cache
-            order = ("scandir", "MultiImgsDataset", "0.1.0") if r % 2 else ("0.1.0", "MultiImgsDataset", "scandir")
+            order = ("scandir", "MultiImgsDataset", "before") if r % 2 else ("before", "MultiImgsDataset", "scandir")
             for name in order:
                 if name == "scandir":
                     dt, _ = timed(lambda: [sum(1 for _ in os.scandir(d)) for d in dirs])
-                elif name == "0.1.0":
+                elif name == "before":
                     dt, (stems, files) = timed(lambda: legacy_construction(dirs))
                     lists_bytes = list_sizes(files) + list_sizes([stems])
                     del stems, files
@@ -252,9 +253,9 @@ def main(argv=None) -> int:
         print(json.dumps({"benchmark": "dataset_scale", "measure": "construction", "samples": million, "folders": 3,
                           "rounds": rounds, "scandir_s": round(med["scandir"], 2),
                           "multi_imgs_dataset_s": round(med["MultiImgsDataset"], 2),
-                          "v0_1_0_s": round(med["0.1.0"], 2),
+                          "before_s": round(med["before"], 2),
                           "ratio_to_scandir": round(med["MultiImgsDataset"] / med["scandir"], 2),
-                          "ratio_to_0_1_0": round(med["MultiImgsDataset"] / med["0.1.0"], 2),
+                          "ratio_to_before": round(med["MultiImgsDataset"] / med["before"], 2),
                           "table_mb": round(table.nbytes / 1e6, 1), "lists_of_str_mb": round(lists_bytes / 1e6, 1),
                           "links_made_s": round(t_make, 1), **common}), flush=True)
         rng = np.random.default_rng(0)  # names that compress as badly as content hashes do

@@ -92,7 +92,7 @@ class Scale(nn.Module):
 
 
 def test_a_garbage_collection_in_a_worker_of_train_model_copies_nothing_of_its_parent(tmp_path):
-    """A collection in a forked worker writes to the header of every object it inherited: 0.1.0's workers each copied
+    """A collection in a forked worker writes to the header of every object it inherited: ffa8613's workers each copied
     about 80 MiB of their parent's pages (torch, the model, everything imported) at their first full collection."""
     out = tmp_path / "uss.jsonl"
     model = Scale()

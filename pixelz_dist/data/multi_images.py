@@ -147,8 +147,8 @@ class MultiImgsDataset(Dataset):
         dirs: The folders, as strings.
         files: Per folder, the full paths of its files in sample order: a read-only sequence of ``str`` per folder
             (:class:`~pixelz_dist.data.sample_table.FileColumn`) that indexes, iterates and compares equal to a list
-            of the same paths; a slice is a list. (Up to pixelz_dist 0.1.0 these were lists of ``str``, which every
-            DataLoader worker ended up copying; ``list(dataset.files[k])`` gives one.)
+            of the same paths; a slice is a list. (Formerly lists of ``str``, which every DataLoader worker ended up
+            copying; ``list(dataset.files[k])`` gives one.)
         stems: Per sample, the shared stem (with ``match="sorted"``: the stems of the first folder), as a read-only
             sequence of ``str`` (:class:`~pixelz_dist.data.sample_table.StringTable`), likewise.
 
