@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..distributed.env import gather_from_all
 from ..distributed.preemption import ignore_preemption_signals
 from ..errors import DataError, SnapshotError, on_every_rank
-from .batch_source import BatchSource, stop_workers
+from .batch_source import BatchSource, start_iterator, stop_workers
 from .collate import NamedCollate
 from .sample_list import SampleList
 from .sampler import ResumableBatchSampler, batches_in
@@ -74,7 +74,7 @@ class DatasetSource(BatchSource):
             self.dataset.set_epoch(self.epoch)  # before iter(): new workers get the dataset as it is now
         self.sampler.set_epoch(self.epoch, self.position)
         remaining = len(self.sampler)
-        self._iterator = iter(self.loader) if remaining else None
+        self._iterator = start_iterator(self.loader) if remaining else None
         return self._iterator, remaining
 
     def advance(self, batches: int) -> tuple[int, int]:

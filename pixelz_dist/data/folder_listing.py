@@ -12,8 +12,10 @@ import re
 from collections.abc import Sequence
 
 from ..errors import DataError
+from .sample_table import SampleTable
 
-__all__ = ["IMAGE_EXTENSIONS", "match_by_stem", "match_sorted", "natural_key", "scan_folder", "scan_images"]
+__all__ = ["IMAGE_EXTENSIONS", "list_samples", "match_by_stem", "match_sorted", "natural_key", "scan_folder",
+           "scan_images"]
 
 #: Lower-case extensions treated as images; anything else in a folder is ignored.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -129,3 +131,14 @@ def match_sorted(dirs: list[str], names: list[list[str]]) -> tuple[list[str], li
     names = [sorted(n, key=natural_key) for n in names]
     return [_stem(n) for n in names[0]], names
 
+
+
+def list_samples(dirs: list[str], match: str) -> SampleTable:
+    """List ``dirs`` and pair their files (``match``: ``"stem"`` or ``"sorted"``) into a :class:`SampleTable`.
+
+    Raises:
+        DataError: a folder is missing or empty, or the folders do not pair up.
+    """
+    names = [scan_folder(d) for d in dirs]
+    stems, per_folder = (match_by_stem if match == "stem" else match_sorted)(dirs, names)
+    return SampleTable.build(stems, per_folder, shared_stems=match == "stem")

@@ -1,9 +1,11 @@
 """Datasets whose samples are several images taken from parallel folders (inputs, hints, targets).
 
 The folders are scanned once with ``os.scandir`` and no image is opened until it is asked for, so building a
-dataset over a hundred thousand files takes a fraction of a second, and the object holds only strings and
-module-level callables so it pickles cleanly into DataLoader workers. Images are decoded by
-:func:`~pixelz_dist.images.fast_img_loader` (libjpeg-turbo for JPEG, Pillow's pixels).
+dataset over a hundred thousand files takes a fraction of a second. Under torchrun one process of the job lists them
+and the others receive the table (:mod:`~pixelz_dist.distributed.once_per_job`). The table lives in numpy arrays and
+bytes buffers (:mod:`~pixelz_dist.data.sample_table`), never lists of ``str``, so DataLoader workers read it without
+copying it; the object holds those and module-level callables so it pickles cleanly into workers. Images are decoded
+by :func:`~pixelz_dist.images.fast_img_loader` (libjpeg-turbo for JPEG, Pillow's pixels).
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..distributed.once_per_job import from_rank0, key_name
 from ..errors import ConfigError, DataError
 from ..random_state import capture
 from .crop_plan import Box, CropPlanner
-from .folder_listing import IMAGE_EXTENSIONS, match_by_stem, match_sorted, natural_key, scan_folder, scan_images
+from .folder_listing import IMAGE_EXTENSIONS, list_samples, natural_key, scan_images
 from .images import check_mode, fast_img_loader, jpeg_backend
 from .jpeg_region import region_decoder_agrees
 from .labels import LABEL, to_label_tensor
 from .pixel_cache import PixelCache
 from .region_sources import open_source
+from .sample_table import FileColumn, SampleTable, StringTable
 
 __all__ = ["IMAGE_EXTENSIONS", "MultiImgsDataset", "natural_key", "pil_loader", "scan_images"]
 
@@ -132,16 +136,27 @@ class MultiImgsDataset(Dataset):
             and decodes only the crop's JPEG rows and columns, bit-identical to decoding the whole image;
             ``"scaled"`` also decodes a JPEG at 1/2, 1/4 or 1/8 in libjpeg's DCT domain when the crop is at least
             that many times the output (faster, not bit-identical); ``"off"`` decodes whole images.
+        shared_listing: Under torchrun (``True``, default), rank 0 lists the folders and pairs the files, and the other
+            ranks receive the table through the job's store: one listing per job instead of one per rank, and every
+            rank trains on the same list. Every rank must then build this dataset, in the same order as its other
+            datasets over the same folders. Without torchrun's store (a plain ``python`` process, ``srun`` with
+            ``env://`` before the process group exists), each process lists the folders itself, as it does with
+            ``False``; after a process group of your own exists, rank 0's table is broadcast.
 
     Attributes:
         dirs: The folders, as strings.
-        files: Per folder, the full paths of its files in sample order.
-        stems: Per sample, the shared stem (with ``match="sorted"``: the stems of the first folder).
+        files: Per folder, the full paths of its files in sample order: a read-only sequence of ``str`` per folder
+            (:class:`~pixelz_dist.data.sample_table.FileColumn`) that indexes, iterates and compares equal to a list
+            of the same paths; a slice is a list. (Formerly lists of ``str``, which every DataLoader worker ended up
+            copying; ``list(dataset.files[k])`` gives one.)
+        stems: Per sample, the shared stem (with ``match="sorted"``: the stems of the first folder), as a read-only
+            sequence of ``str`` (:class:`~pixelz_dist.data.sample_table.StringTable`), likewise.
 
     Raises:
         ConfigError: bad ``dirs``, ``transforms``, ``modes``, ``kinds`` (a label folder of kind image), ``match`` or
             ``on_error``.
-        DataError: a folder is missing or empty, or the folders do not pair up (both are ``ValueError``).
+        DataError: a folder is missing or empty, or the folders do not pair up (both are ``ValueError``); under
+            torchrun, on every rank when rank 0 found it.
     """
 
     def __init__(
@@ -156,6 +171,7 @@ class MultiImgsDataset(Dataset):
         on_error: str = "raise",
         cache_dir: str | os.PathLike[str] | None = None,
         crop_decode: str = "exact",
+        shared_listing: bool = True,
     ) -> None:
         if isinstance(dirs, (str, bytes, os.PathLike)):
             raise ConfigError(f"dirs must be a list of folders, not a single path {dirs!r}")
@@ -202,19 +218,21 @@ class MultiImgsDataset(Dataset):
             self._planner = planner if planner.supported else None
         self._regions = self._planner is not None and region_decoder_agrees()
 
-        names = [scan_folder(d) for d in self.dirs]
-        if match == "stem":
-            self.stems, per_folder = match_by_stem(self.dirs, names)
-        else:
-            self.stems, per_folder = match_sorted(self.dirs, names)
+        table = self._list(shared_listing)
+        self.stems: StringTable = table.stems
         # os.path.join(d, "") appends the separator exactly as os.path.join(d, name) would; concatenation is faster.
-        self.files: list[list[str]] = [
-            [prefix + name for name in folder_names]
-            for prefix, folder_names in zip((os.path.join(d, "") for d in self.dirs), per_folder)
-        ]
+        self.files: list[FileColumn] = table.columns([os.path.join(d, "") for d in self.dirs])
         self._bad: set[int] = set()
         self._first_error: DataError | None = None
         logger.debug("MultiImgsDataset: %d samples from %d folders (match=%s)", len(self.stems), n, match)
+
+    def _list(self, shared: bool) -> SampleTable:
+        dirs, match = self.dirs, self.match
+        if not shared:
+            return list_samples(dirs, match)
+        return from_rank0(f"listing_{key_name(dirs, match)}", lambda: list_samples(dirs, match), SampleTable.encode,
+                          SampleTable.decode, f"the listing of {dirs}", "every rank must build the same datasets in "
+                          "the same order; for a dataset built on some ranks only, pass shared_listing=False")
 
     def _set_transforms(self, transforms: Any) -> None:
         n = len(self.dirs)
@@ -239,12 +257,12 @@ class MultiImgsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
-    def sample_names(self) -> list[str]:
+    def sample_names(self) -> Sequence[str]:
         """One name per sample, by which a snapshot recognises the list it was taken on (see
         :mod:`~pixelz_dist.data.sample_list`): the stem, or with ``match="sorted"`` every folder's file name."""
         if self.match == "stem":
             return self.stems
-        return ["\t".join(os.path.basename(folder[i]) for folder in self.files) for i in range(len(self.stems))]
+        return StringTable.of(["\t".join(folder.name(i) for folder in self.files) for i in range(len(self.stems))])
 
     def load(self, index: int, folder: int) -> Any:
         """Load one image, untransformed."""

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from torch.utils.data import ConcatDataset, Subset
 
+from .sample_table import StringTable
+
 #: Compressed name lists up to this size travel in every snapshot (``"\0"``-joined names, zlib level 1).
 MAX_STORED_BYTES = 1 << 20
 _SHOWN = 3
@@ -50,7 +52,9 @@ class SampleList:
         names = sample_names(dataset)
         if names is None:
             return cls(len(dataset))
-        joined = "\0".join(names).encode("utf-8", "surrogateescape")
+        # A dataset's StringTable holds exactly these bytes already: a million names hash without becoming strings.
+        joined = (names.joined() if isinstance(names, StringTable)
+                  else "\0".join(names).encode("utf-8", "surrogateescape"))
         packed = zlib.compress(joined, 1)
         return cls(len(names), hashlib.blake2b(joined, digest_size=16).hexdigest(),
                    packed if len(packed) <= MAX_STORED_BYTES else None)

@@ -40,7 +40,7 @@ from torch.utils.data import (
 
 from ..errors import ConfigError, DataError, SnapshotError
 from ..random_state import capture, preserved
-from .batch_source import BatchSource, stop_workers
+from .batch_source import BatchSource, start_iterator, stop_workers
 from .sampler import ResumableBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class UserLoaderSource(BatchSource):
         pending, self._pending = self._pending, None
         if position == 0:
             self._epoch_start = self._capture()
-            self._iterator = iter(self.loader)
+            self._iterator = start_iterator(self.loader)
         elif pending is None:
             raise SnapshotError("internal: a mid-epoch position without the loader's saved state")
         elif self.stateful_loader:
@@ -208,7 +208,7 @@ class UserLoaderSource(BatchSource):
             self._epoch_start = pending.get("epoch_start")
             # the interrupted run drew the epoch's seeds before the snapshot: drawing again would shift dropout
             with preserved(numpy=False, python=False):
-                self._iterator = iter(self.loader)
+                self._iterator = start_iterator(self.loader)
         else:
             self._epoch_start = pending["epoch_start"]
             self._iterator = self._replay(pending["epoch_start"], position)
@@ -312,7 +312,7 @@ class UserLoaderSource(BatchSource):
         with preserved(numpy=False, python=False):  # the trainer's own stream is left where the snapshot put it
             torch.default_generator.set_state(start["global_rng"])
             twin, skipper = _twin(self.loader, skip)
-            it = iter(twin)  # draws the loader's base seed here, as the epoch's iter(loader) did
+            it = start_iterator(twin)  # draws the loader's base seed here, as the epoch's iter(loader) did
             skipper.current.prime()  # and then the sampler's, as its first batch did
         return it
 

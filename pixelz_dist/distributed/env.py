@@ -110,6 +110,20 @@ def timeout_seconds(timeout_s: float | None = None) -> float:
     return float(os.environ.get("PIXELZ_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
+def agent_store(timeout: timedelta):
+    """A client of the store torchrun's agent hosts for the job (at MASTER_ADDR:MASTER_PORT, kept alive across
+    elastic restarts), or None when no agent hosts one: not under torchrun, or ``env://`` where rank 0's process group
+    will host it (nothing answers there before the group exists). ``timeout``: for every operation of the client."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+
+
+def restart_attempt() -> str:
+    """torchrun's restart count: keys in the agent's store are spaced per attempt (see :func:`init_process_group`)."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
 _groups_created = [0]  # per process; every rank creates its groups in the same order, so the counts agree
 
 
@@ -125,10 +139,9 @@ def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: floa
     timeout = timedelta(seconds=timeout_seconds(timeout_s))
     if backend == "nccl":
         torch.cuda.set_device(local_gpu(env))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
-        client = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                timeout=timeout)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = agent_store(timeout)
+    if client is not None:
+        attempt = restart_attempt()
         # One key space per group, too: a second group in the same attempt (find_lr's runs, a user's own group
         # before ours) would otherwise meet the first one's keys and fail the same way.
         _groups_created[0] += 1
