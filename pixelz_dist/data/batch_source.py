@@ -29,11 +29,13 @@ def start_iterator(loader):
     permanent generation that the workers' collections skip, as Python's documentation advises before a fork; the
     parent unfreezes them right after, so its own collections are as before.
     """
+    ours = gc.get_freeze_count() == 0  # objects the application froze itself stay frozen
     gc.freeze()
     try:
         return iter(loader)
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
 
 
 def stop_workers(iterator) -> None:
