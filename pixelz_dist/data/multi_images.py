@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 from ..distributed.once_per_job import from_rank0, key_name
 from ..errors import ConfigError, DataError
 from ..random_state import capture
-from .crop_plan import Box, CropPlanner
 from .folder_listing import IMAGE_EXTENSIONS, list_samples, natural_key, scan_images
 from .images import check_mode, fast_img_loader, jpeg_backend
 from .jpeg_region import region_decoder_agrees
@@ -34,6 +33,9 @@ from .region_sources import open_source
 from .sample_table import FileColumn, SampleTable, StringTable
 
 __all__ = ["IMAGE_EXTENSIONS", "MultiImgsDataset", "natural_key", "pil_loader", "scan_images"]
+
+if TYPE_CHECKING:
+    from .crop_plan import CropPlanner
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +216,8 @@ class MultiImgsDataset(Dataset):
         self.cache = PixelCache(cache_dir) if cache_dir is not None else None
         self._planner: CropPlanner | None = None
         if self.joint_transform is not None and loader is None and crop_decode != "off":
+            from .crop_plan import CropPlanner  # torchvision: imported only by who transforms (a second at start-up)
+
             planner = CropPlanner(self.joint_transform, scaling=crop_decode == "scaled")
             self._planner = planner if planner.supported else None
         self._regions = self._planner is not None and region_decoder_agrees()
@@ -336,6 +340,8 @@ class MultiImgsDataset(Dataset):
 
     def _cropped_sample(self, i: int) -> tuple[Any, ...]:
         """Sample ``i`` with the crop drawn from the images' sizes first and only the crop decoded (see crop_plan)."""
+        from .crop_plan import Box
+
         sources = []
         for k in range(len(self.dirs)):
             with self._naming(i, k):

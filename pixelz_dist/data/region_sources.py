@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import os
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import images
-from .crop_plan import Box
+
+if TYPE_CHECKING:
+    from .crop_plan import Box  # torchvision behind it: imported by who crops
 
 __all__ = ["open_source"]
 
