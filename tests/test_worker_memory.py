@@ -47,13 +47,14 @@ def test_a_dataloader_workers_memory_does_not_grow_with_the_samples_it_reads(tmp
     order = np.random.default_rng(0).permutation(len(ds)).tolist()
     batches = [order[:1]] + [order[i : i + 512] for i in range(1, len(order), 512)]
     loader = DataLoader(ds, batch_sampler=batches, num_workers=1, persistent_workers=True)
+    others = {child.pid for child in psutil.Process().children()}  # an earlier test's process may still be ending
     gc.freeze()  # as train_model forks its workers: a collection in the worker would copy far more than the table
     try:
         it = iter(loader)
     finally:
         gc.unfreeze()
     next(it)
-    (worker,) = psutil.Process().children()
+    (worker,) = [child for child in psutil.Process().children() if child.pid not in others]
     before = worker.memory_full_info().uss
     assert sum(len(batch[0]) for batch in it) == len(ds) - 1
     growth = worker.memory_full_info().uss - before
