@@ -100,14 +100,18 @@ def test_request_snapshot_writes_one(tmp_path):
             if state.iteration == 2:
                 state.request_snapshot()
 
-        def on_snapshot(self, state, path):
-            written.append((state.iteration, path, state.last_snapshot_path))
+        def on_snapshot(self, state, path):  # once the file is durable: in the background, a few iterations on
+            written.append((state.last_snapshot_iteration, path, state.last_snapshot_path, os.path.exists(path)))
 
-    quick(num_epochs=1, snapshot_prefix=str(prefix), callbacks=[SnapAt2()])
-    assert snapshot_iters(prefix) == [2, 5]
-    assert load_snap(prefix, 2)["progress"]["iteration"] == 2
-    assert [(w[0], os.path.basename(w[1])) for w in written] == [(2, "snap_iter_2.pt"), (5, "snap_iter_5.pt")]
-    assert all(w[1] == w[2] for w in written)
+    for snapshot_async in (True, False):
+        written.clear()
+        quick(num_epochs=1, snapshot_prefix=str(prefix / str(snapshot_async)), callbacks=[SnapAt2()],
+              snapshot_async=snapshot_async)
+        assert snapshot_iters(prefix / str(snapshot_async)) == [2, 5]
+        assert load_snap(prefix / str(snapshot_async), 2)["progress"]["iteration"] == 2
+        assert [(w[0], os.path.basename(w[1])) for w in written] == [(2, f"{snapshot_async}_iter_2.pt"),
+                                                                     (5, f"{snapshot_async}_iter_5.pt")]
+        assert all(w[1] == w[2] and w[3] for w in written)
 
 
 class Counter(Callback):

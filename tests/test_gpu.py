@@ -95,3 +95,28 @@ def test_the_command_line_trains_on_the_gpu_by_default(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on cuda" in proc.stderr and "gpu " in proc.stderr and "grad_norm" in proc.stderr
+
+
+def test_background_snapshots_of_cuda_tensors_hold_the_state_of_their_iteration(demo_root, tmp_path):
+    """The side-stream copy into pinned memory must be complete before the next step changes the parameters: each
+    background snapshot equals the weights recorded at its iteration, and a synchronous run's snapshots alike."""
+    from pixelz_dist import Callback
+    from pixelz_dist.checkpoint.staging import HostStaging
+
+    class Weights(Callback):
+        def __init__(self):
+            self.at = {}
+
+        def on_iteration_end(self, state):
+            self.at[state.iteration] = {k: v.detach().cpu().clone() for k, v in state.model.state_dict().items()}
+
+    weights = Weights()
+    demo_run(demo_root, str(tmp_path / "a"), n=12, snapshot_interval=2, callbacks=[weights])
+    found = list_snapshots(str(tmp_path / "a"))
+    assert [it for it, _ in found] == [12, 10, 8, 6, 4, 2]
+    for iteration, path in found:
+        saved = load_snapshot(path)["model"]
+        assert all(torch.equal(saved[k], weights.at[iteration][k]) for k in saved), iteration
+    staged = HostStaging().stage({"w": torch.ones(3, device="cuda")})
+    staged.wait()
+    assert staged.state["w"].is_pinned() and staged.state["w"].device.type == "cpu"

@@ -21,7 +21,9 @@ EVENTS = ("on_train_start", "on_epoch_start", "on_after_backward", "on_iteration
 
 class Callback:
     """Base class: override the events you need. Each receives the :class:`TrainState` (``on_snapshot`` also the
-    path written).
+    path written). ``on_snapshot`` runs on every rank once the file is durable: for a periodic snapshot written in
+    the background (``snapshot_async``, the default) that is a few iterations after the one it holds, which its path
+    names (``..._iter_N.pt``) and ``state.last_snapshot_iteration`` gives.
 
     Set ``changes_dataset = True`` on a callback that changes the dataset in ``on_epoch_start`` (a curriculum):
     DataLoader workers are then restarted each epoch so that they see the change (persistent workers keep a copy).

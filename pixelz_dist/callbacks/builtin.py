@@ -44,8 +44,8 @@ class NonFiniteGuard(Callback):
             state.skip_step("non-finite loss")
             return
         it = state.iteration + 1
-        snap = state.last_snapshot_path
-        where = (f"the last good snapshot is {snap} (iteration {state.last_snapshot_iteration})" if snap else
+        snap, snap_iteration = state.newest_snapshot
+        where = (f"the last good snapshot is {snap} (iteration {snap_iteration})" if snap else
                  "no snapshot was written or loaded before it")
         raise NonFiniteLossError(
             f"the loss is {state.loss.item()} at iteration {it} (epoch {state.epoch_fraction:.3f}); the weights were "

@@ -1,4 +1,5 @@
-"""One run's snapshots: which parts go in, writing them (rank 0, atomically), choosing and restoring one.
+"""One run's snapshots: which parts go in, writing them (rank 0, atomically, in the background), choosing and
+restoring one.
 
 The checkpointer holds named parts, each an object with ``state_dict()`` / ``load_state_dict(state)`` (torchtitan's
 ``CheckpointManager(states={...})`` is the model): the loop hands it its counters, its data source, its scheduler
@@ -12,6 +13,13 @@ it. A part may also define ``precheck(state, meta)``, which raises ``SnapshotErr
 every part is checked on every rank before any is loaded, and one rank's refusal is every rank's, so a refused
 snapshot changes nothing anywhere.
 
+Writing: rank 0 writes on a thread (:mod:`~pixelz_dist.checkpoint.background_write`), one snapshot at a time. A
+periodic snapshot is copied into reused host memory first (:mod:`~pixelz_dist.checkpoint.staging`) and training goes
+on; the ranks learn of its end through the loop's per-iteration agreement (:meth:`Checkpointer.status` /
+:meth:`Checkpointer.agreed`), so they all announce it, or raise its error, at the same iteration. When they must wait
+for it (the final snapshot, the next one due), :meth:`Checkpointer.wait_durable` polls rank 0 with short broadcasts:
+no rank sits in a collective, with its timeout, for as long as the storage takes.
+
 Before the first iteration, :meth:`Checkpointer.claim` makes the prefix this run's (see
 :mod:`pixelz_dist.checkpoint.prefix`): a lock, a write check, no leftovers of killed writes, and no old run's snapshots
 mixed with a fresh one's.
@@ -21,12 +29,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
+import torch.distributed as tdist
 
 from .._version import __version__
-from ..distributed.env import DistEnv, barrier, broadcast_from_main, gather_from_all, gather_to_main
+from ..distributed.env import DistEnv, barrier, broadcast_from_main, gather_from_all, gather_to_main, is_initialized
 from ..errors import ConfigError, SnapshotError, on_every_rank
+from .background_write import BackgroundWrite
 from .file_format import (
     FORMAT_VERSION,
     NoLoadableSnapshot,
@@ -39,6 +50,7 @@ from .file_format import (
 )
 from .loadable import make_loadable
 from .prefix import PrefixLock, check_fresh_start, remove_stale_temporaries
+from .staging import HostStaging, Staged
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +65,24 @@ class Checkpointer:
         env: this process's place in the job.
         keep_last: keep only this many snapshots of the prefix (the one just written always stays).
         meta: extra values for the snapshot's ``meta`` entry.
+        group: a process group that carries CPU tensors (None: the default one), for :meth:`wait_durable`.
+        on_durable: called with the path on every rank once a snapshot is durable (the ``on_snapshot`` hooks).
     """
 
     def __init__(self, prefix: str | None, parts: dict, env: DistEnv, *, keep_last: int | None = None,
-                 meta: dict | None = None):
+                 meta: dict | None = None, group=None, on_durable: Callable[[str], None] | None = None):
         self.prefix, self.parts, self.env = prefix, dict(parts), env
         self.per_rank = [name for name, part in self.parts.items() if getattr(part, "per_rank", False)]
         self.keep_last, self.meta = keep_last, dict(meta or {})
-        self.last_path: str | None = None
-        self.last_iteration = -1
-        self.last_seconds: float | None = None
+        self.group, self.on_durable = group, on_durable
+        self.last_path: str | None = None  # the newest durable snapshot (written, or resumed from)
+        self.durable_iteration = -1
+        self.last_iteration = -1  # the newest snapshot asked for (it may still be being written), or resumed from
+        self.last_seconds: float | None = None  # from the request of the last durable snapshot to its durability
+        self._submitted = 0.0
+        self._pending: tuple[int, str] | None = None  # the snapshot being written, on every rank
+        self._writing: BackgroundWrite | None = None  # its writer, on rank 0
+        self._staging = HostStaging()
         self._lock: PrefixLock | None = None
 
     # -- the prefix ------------------------------------------------------------------------------------------------
@@ -98,9 +118,22 @@ class Checkpointer:
             self._lock = None
 
     # -- writing ---------------------------------------------------------------------------------------------------
-    def save(self, iteration: int) -> str:
-        """Write the snapshot of ``iteration`` (a collective: every rank calls it; rank 0 writes, all wait for it)."""
+    def save(self, iteration: int, wait: bool = True) -> str:
+        """Write the snapshot of ``iteration``; every rank calls it (rank 0 writes).
+
+        ``wait=False`` (a periodic snapshot): rank 0 copies the state into reused host memory (see
+        :mod:`~pixelz_dist.checkpoint.staging`) and writes it on a thread while training goes on; the ranks learn
+        that it is durable, or that it failed, through :meth:`status` / :meth:`agreed` at a later iteration.
+        ``wait=True`` (the final, preemption and time-budget snapshots): returns once the file is durable. Either
+        way a snapshot still being written is waited for first (one write at a time, one set of host buffers), and
+        no rank waits for a write inside a collective that has a timeout (see :meth:`wait_durable`).
+
+        Raises:
+            SnapshotError: the state cannot be loaded back (refused before anything is written), or (``wait=True``,
+                or the write before this one) the file could not be written; on every rank.
+        """
         started = time.perf_counter()
+        self.wait_durable()
         path = snapshot_path(self.prefix, iteration)
         ranks = gather_to_main({name: self.parts[name].state_dict() for name in self.per_rank}, self.env)
         error = None
@@ -115,31 +148,124 @@ class Checkpointer:
             except SnapshotError as e:
                 error = f"cannot write snapshot {path}: {e}"
             else:
-                error = self._write(snapshot, path)
-        error = broadcast_from_main(error)  # every rank waits for the file, and learns whether it was written
+                # a snapshot the process waits for is written from the live state (nothing changes it meanwhile)
+                staged = self._staging.stage(snapshot) if not wait else Staged(snapshot, [], [])
+                self._writing = BackgroundWrite(iteration, path, lambda: self._write(staged, path))
+        error = broadcast_from_main(error)  # only whether the write started: nobody waits for the file here
         if error is not None:
-            raise SnapshotError(error)
-        self.last_seconds = time.perf_counter() - started
-        self.last_path, self.last_iteration = path, iteration
+            raise on_every_rank(SnapshotError(error))
+        self._pending, self._submitted = (iteration, path), started
+        self.last_iteration = iteration
+        if wait:
+            self.wait_durable()
         return path
 
-    def _write(self, snapshot: dict, path: str) -> str | None:
-        """Rank 0's write; the error message when it failed (the previous snapshots stay as they were)."""
+    @property
+    def newest(self) -> tuple[str | None, int]:
+        """The newest snapshot, durable or still being written (it will be durable before the process ends, unless
+        its write fails), as ``(path, iteration)``; ``(None, -1)`` before any."""
+        if self._pending is not None:
+            return self._pending[1], self._pending[0]
+        return self.last_path, self.durable_iteration
+
+    def _write(self, staged: Staged, path: str) -> str | None:
+        """Rank 0's write (on the writer's thread); the error message when it failed (the previous snapshots stay as
+        they were, and ``keep_last`` removes older ones only once this one is durable)."""
+        staged.wait()
         try:
-            save_snapshot(snapshot, path)
+            save_snapshot(staged.state, path)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
             cause = e
             while cause is not None and not isinstance(cause, OSError):
                 cause = cause.__context__
             reason = (cause.strerror or str(cause)) if cause is not None else f"{type(e).__name__}: {e}"
-            last = (f"the last good snapshot is {self.last_path} (iteration {self.last_iteration})" if self.last_path
-                    else "no snapshot was written or loaded before")
+            last = (f"the last good snapshot is {self.last_path} (iteration {self.durable_iteration})"
+                    if self.last_path else "no snapshot was written or loaded before")
             return (f"cannot write snapshot {path} ({reason}); {last}. HINT: free space on that disk, or choose "
                     "another snapshot_prefix, then resume with load_snapshot_path='auto' (--resume auto).")
         if self.keep_last:
             prune_snapshots(self.prefix, self.keep_last, keep=path)
         logger.info("snapshot written: %s", path)
         return None
+
+    def status(self) -> tuple[int, int]:
+        """This rank's news of the snapshot being written, for the per-iteration agreement (every rank sends it; rank
+        0 alone has news): ``(iteration + 1 of a write that is durable, iteration + 1 of one that failed)``, 0 for
+        none. :meth:`agreed` takes the agreed (MAX) values."""
+        writing = self._writing
+        if writing is None or not writing.done:
+            return 0, 0
+        return (0, writing.iteration + 1) if writing.error is not None else (writing.iteration + 1, 0)
+
+    def agreed(self, durable: int, failed: int) -> None:
+        """Act, on every rank at the same iteration, on rank 0's news (see :meth:`status`): announce the pending
+        snapshot as durable (``on_durable``), or raise the error of its write.
+
+        Raises:
+            SnapshotError: the pending snapshot could not be written (rank 0's message there; elsewhere one that
+                says so), marked as raised by every rank.
+        """
+        if self._pending is None:
+            return
+        iteration = self._pending[0]
+        if failed == iteration + 1:
+            self._failed()
+        elif durable == iteration + 1:
+            self._durable()
+
+    def wait_durable(self) -> None:
+        """Wait, on every rank, until the pending snapshot (if any) is durable, and act as :meth:`agreed` would.
+
+        Rank 0 waits for its writer in short slices and, after each, tells the others by a broadcast of two numbers
+        on the CPU group: the other ranks are never inside a collective longer than a slice, whatever the storage's
+        speed (a slow shared file system must not hit the collective timeout).
+        """
+        if self._pending is None:
+            return
+        if self.env.world_size > 1 and is_initialized():
+            delay = 0.001
+            while True:
+                done = self._writing.join(delay) if self.env.is_main else False
+                flags = torch.tensor([int(done), int(done and self._writing.error is not None)], dtype=torch.int32)
+                tdist.broadcast(flags, src=0, group=self.group)
+                done, failed = (bool(x) for x in flags.tolist())
+                if done:
+                    break
+                delay = min(delay * 2, 0.1)
+        else:
+            self._writing.join()
+            failed = self._writing.error is not None
+        self._failed() if failed else self._durable()
+
+    def _durable(self) -> None:
+        iteration, path = self._pending
+        self.last_seconds = time.perf_counter() - self._submitted
+        self._pending, self._writing = None, None
+        self.last_path, self.durable_iteration = path, iteration
+        if self.on_durable is not None:
+            self.on_durable(path)
+
+    def _failed(self):
+        iteration, path = self._pending
+        writing = self._writing
+        self._pending, self._writing = None, None
+        if writing is not None:
+            raise on_every_rank(SnapshotError(writing.error))
+        raise on_every_rank(SnapshotError(f"cannot write snapshot {path}: rank 0 could not write it (rank 0's error "
+                                          "says why)"))
+
+    def close(self) -> None:
+        """Wait for a write still under way (this process only), then release the prefix. An error of that write
+        that was not raised yet (the run is ending on another error) is logged."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.join()
+            if writing.error is not None:
+                logger.error("%s", writing.error)
+            else:
+                self.last_path, self.durable_iteration = writing.path, writing.iteration
+        self._pending = None
+        self.release()
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def choose(self, spec: str | None, overwrite: bool = False) -> tuple[str | None, dict | None]:
@@ -208,7 +334,8 @@ class Checkpointer:
             error = SnapshotError(f"cannot resume from {path!r}: {e}")
             error.__cause__ = e.__cause__
         self._agree(error)
-        self.last_path, self.last_iteration = path, int(snap["progress"]["iteration"])
+        self.last_path = path
+        self.last_iteration = self.durable_iteration = int(snap["progress"]["iteration"])
         if self.env.is_main and self.prefix:
             moved = set_aside_newer(self.prefix, self.last_iteration)
             if moved:

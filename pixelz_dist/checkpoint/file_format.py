@@ -144,11 +144,18 @@ _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate mem
 
 
 def _read(path: str):
-    """``torch.load`` through a Python file object, so an I/O error arrives as an ``OSError`` with its errno (torch's
-    own reader, given the path, turns it into a RuntimeError that looks like a damaged file)."""
+    """Read every byte through a Python file object, then ``torch.load`` the file memory-mapped.
+
+    The read pass makes an I/O error an ``OSError`` with its errno (torch's own reader turns it into a RuntimeError
+    that looks like a damaged file) and leaves the file in the page cache. The mapping then costs no memory of this
+    process's own: the tensors are the cached pages, shared by every rank of the node that loads the same file (a
+    copy each only where one is written to), where a plain load would hold one private copy per rank; and a snapshot
+    that is only looked at (``find_latest_valid`` on an older candidate) is never deserialised into memory.
+    """
     try:
         with open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            _read_through(f)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
@@ -174,6 +181,15 @@ def _read(path: str):
             raise SnapshotUnreadable(f"cannot read snapshot {path!r}: out of memory ({_first_line(e)})") from e
         raise SnapshotError(f"snapshot {path!r} is unreadable ({type(e).__name__}: {_first_line(e)}). "
                             "HINT: it may be truncated; resume from an older snapshot.") from e
+
+
+_READ_CHUNK = 16 << 20
+
+
+def _read_through(f) -> None:
+    buffer = bytearray(_READ_CHUNK)
+    while f.readinto(buffer):
+        pass
 
 
 def _first_line(e: BaseException) -> str:

@@ -41,6 +41,10 @@ TRAIN_MODEL_OPTIONS = (
     ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
                                                       "twice per epoch), in iterations with --iters")),
     ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
+    ("--async-snapshots", "snapshot_async", dict(
+        action=argparse.BooleanOptionalAction, default=True,
+        help="write periodic snapshots in the background while training goes on (default); --no-async-snapshots: "
+             "each holds up training until it is on disk")),
     ("--overwrite", "overwrite", dict(action=argparse.BooleanOptionalAction, default=False,
                                       help="a run without --resume into a prefix that holds another run's snapshots "
                                            "sets them aside (renamed NAME.old-<time>) instead of refusing; with "

@@ -112,7 +112,8 @@ class Engine:
         self._requested = requested(optimizer.param_groups)  # the call's hyper-parameters, before any resume
         self.checkpointer = Checkpointer(s.snapshot_prefix, self._parts(), env, keep_last=s.keep_last,
                                          meta={"optimizer": type(optimizer).__name__,
-                                               "hyperparameters": self._requested})
+                                               "hyperparameters": self._requested},
+                                         group=self._group, on_durable=self.snapshot_durable)
         self._last_losses: list = []
         self.bare_micro_batches = False  # no DDP, no autocast: the micro-batch loop runs without context managers
 
@@ -184,7 +185,7 @@ class Engine:
             self.bare_micro_batches = self.prepared.ddp is None and self.precision.amp is None
             return self.train()
         finally:
-            self.checkpointer.release()
+            self.checkpointer.close()  # a snapshot still being written is finished first
             self.prepared.undo()
             self.train_mode.restore()
             # The last reference to the DDP wrapper: it (and its reducer, which holds the process group) must be freed
@@ -240,7 +241,9 @@ class Engine:
         if self.reporter.meter.iterations:
             self.display()
         if s.snapshot_prefix and self.checkpointer.last_iteration != self.progress.iteration:
-            self.write_snapshot()
+            self.write_snapshot(wait=True)
+        elif s.snapshot_prefix:
+            self.checkpointer.wait_durable()  # the last iteration's snapshot: durable before train_model returns
         self.flush_files()
         if self.requests.stopping:
             logger.info("stopped at iteration %d: %s", self.progress.iteration, self.requests.stop_reason)
@@ -396,7 +399,12 @@ class Engine:
             hook(self.state)
 
     def after_iteration(self) -> None:
+        checkpointer = self.checkpointer
+        if self.s.snapshot_prefix:
+            self.requests.snapshot_news = checkpointer.status()
         snapshot_requested, preempted = self.requests.settle()
+        if self.s.snapshot_prefix:
+            checkpointer.agreed(*self.requests.agreed_snapshot_news)  # a background write's end, on every rank
         iteration = self.progress.iteration
         if iteration % self.s.display_iter == 0:
             self.display()
@@ -404,15 +412,18 @@ class Engine:
             self.preempt()
         if self.s.snapshot_prefix and (self.schedule.due(iteration, self.source.epoch_fraction())
                                        or snapshot_requested):
-            self.write_snapshot()
+            self.write_snapshot(wait=not self.s.snapshot_async)
 
-    def write_snapshot(self) -> str:
+    def write_snapshot(self, wait: bool) -> str:
+        """Snapshot this iteration; ``wait``: return once it is durable, else write it in the background (its
+        ``on_snapshot`` hooks run at the iteration every rank learns that it is durable)."""
         if self.env.is_main:
             self.flush_files()  # the records up to this snapshot are durable before the snapshot exists
-        path = self.checkpointer.save(self.progress.iteration)
+        return self.checkpointer.save(self.progress.iteration, wait=wait)
+
+    def snapshot_durable(self, path: str) -> None:
         for hook in self.callbacks.on_snapshot:
             hook(self.state, path)
-        return path
 
     def preempt(self):
         """Snapshot (rank 0 writes, all wait), then leave on every rank: with the preemption exit code, or as a
@@ -426,7 +437,7 @@ class Engine:
         else:
             logger.warning("preemption: %s received; snapshot at iteration %d, then exit", name,
                            self.progress.iteration)
-        path = self.write_snapshot() if self.s.snapshot_prefix else None
+        path = self.write_snapshot(wait=True) if self.s.snapshot_prefix else None
         self.flush_files()
         raise Interrupted(path) if interrupted else Preempted(name, path)
 

@@ -2,7 +2,8 @@
 
 Under torchrun every rank must stop, snapshot and exit at the same iteration, but a request is made on one rank (a
 signal reaches one process, a time budget runs out on one clock). The ranks agree on them without stopping the
-host: each iteration starts an asynchronous MAX all-reduce of this rank's three flags on a CPU (gloo) group and acts
+host: each iteration starts an asynchronous MAX all-reduce of this rank's three flags (and rank 0's news of a snapshot
+written in the background) on a CPU (gloo) group and acts
 on the result of the previous iteration's, which has long arrived. A rank-local request therefore takes effect one
 iteration later, at the same iteration on every rank; a request that every rank makes alike (a decision on the
 global loss) can say so and act at once. No device tensor is involved: with nccl the exchange runs on a gloo group
@@ -36,6 +37,10 @@ class Requests:
         self.snapshot = False  # asked on this rank, not yet acted on (or sent)
         self.skip_reason: str | None = None  # drop this iteration's step
         self._in_flight = None  # (work, flags) of the exchange started last iteration
+        # a snapshot being written in the background: rank 0's news of it (see Checkpointer.status), sent with the
+        # flags, and the agreed news (Checkpointer.agreed), which every rank receives at the same iteration
+        self.snapshot_news = (0, 0)
+        self.agreed_snapshot_news = (0, 0)
 
     @property
     def delay(self) -> int:
@@ -55,8 +60,10 @@ class Requests:
         preempted = self.preemption.received is not None
         if not self.distributed:
             snapshot, self.snapshot = self.snapshot, False
+            self.agreed_snapshot_news = self.snapshot_news
             return snapshot, preempted
-        local = torch.tensor((self.stop_reason is not None, self.snapshot, preempted), dtype=torch.int32)
+        local = torch.tensor((self.stop_reason is not None, self.snapshot, preempted, *self.snapshot_news),
+                             dtype=torch.int64)
         self.snapshot = False  # sent: it comes back agreed at the next iteration
         stop, snapshot, preempted = self.finish()
         work = tdist.all_reduce(local, op=tdist.ReduceOp.MAX, group=self.group, async_op=True)
@@ -70,12 +77,14 @@ class Requests:
     def finish(self) -> tuple[bool, bool, bool]:
         """Wait for the exchange in flight (every rank calls this the same number of times); its agreed flags."""
         if self._in_flight is None:
+            self.agreed_snapshot_news = (0, 0)
             return False, False, False
         work, flags = self._in_flight
         self._in_flight = None
         work.wait()
-        stop, snapshot, preempted = (bool(x) for x in flags.tolist())  # a CPU tensor: no device sync
-        return stop, snapshot, preempted
+        stop, snapshot, preempted, *news = flags.tolist()  # a CPU tensor: no device sync
+        self.agreed_snapshot_news = tuple(news)
+        return bool(stop), bool(snapshot), bool(preempted)
 
 
 def agreement_group():

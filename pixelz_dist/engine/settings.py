@@ -56,6 +56,7 @@ class RunSettings:
     overwrite: bool = False
     allow_changed_data: bool = False
     deterministic: bool = False
+    snapshot_async: bool = True
 
 
 def setting_names() -> frozenset[str]:
@@ -144,7 +145,7 @@ def check_settings(values: dict) -> RunSettings:
     if v.get("stop_patience") is not None and (not _is_int(v["stop_patience"]) or v["stop_patience"] < 1):
         problems.append(f"stop_patience must be an integer >= 1 (iterations) or None, got {v['stop_patience']!r}")
     for name in ("overwrite", "strict_load", "restore_dataloader", "allow_changed_data",
-                 "deterministic"):
+                 "deterministic", "snapshot_async"):
         if not isinstance(v.get(name), bool):
             problems.append(f"{name} must be True or False, got {v.get(name)!r}")
     if v.get("on_nonfinite") not in (None, "raise", "skip"):

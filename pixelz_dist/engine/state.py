@@ -56,10 +56,14 @@ class TrainState:
     dataset = property(lambda self: self._engine.dataset, doc="what was passed as dataset (or the DataLoader)")
     snapshot_prefix = property(lambda self: self._engine.checkpointer.prefix)
     last_snapshot_path = property(lambda self: self._engine.checkpointer.last_path,
-                                  doc="the snapshot written or resumed from most recently (None before any)")
-    last_snapshot_iteration = property(lambda self: self._engine.checkpointer.last_iteration)
+                                  doc="the newest durable snapshot, written or resumed from (None before any)")
+    last_snapshot_iteration = property(lambda self: self._engine.checkpointer.durable_iteration)
     last_snapshot_seconds = property(lambda self: self._engine.checkpointer.last_seconds,
-                                     doc="how long writing the last snapshot took here (None before any)")
+                                     doc="from the request of the last durable snapshot until it was durable, here "
+                                         "(a background write included; None before any)")
+    newest_snapshot = property(lambda self: self._engine.checkpointer.newest,
+                               doc="(path, iteration) of the newest snapshot, durable or still being written in "
+                                   "the background (durable before the process ends unless its write fails)")
     stop_reason = property(lambda self: self._engine.requests.stop_reason,
                            doc="why a stop was requested (None: none yet)")
     snapshot_requested = property(lambda self: self._engine.requests.snapshot)

@@ -28,7 +28,8 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
                 clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
                 on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
-                overwrite=False, allow_changed_data=False, deterministic=False, **legacy_kwargs):
+                overwrite=False, allow_changed_data=False, deterministic=False, snapshot_async=True,
+                **legacy_kwargs):
     """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
 
     An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
@@ -76,7 +77,11 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         seed: seeds the data order and the per-batch augmentation RNGs.
         num_workers: DataLoader workers; None = ``min(max(cpus // gpus_per_node, 1), 6)`` with the CPUs this process
             may use.
-        keep_last: keep only the K newest snapshots.
+        keep_last: keep only the K newest snapshots (an older one is removed only once its successor is durable).
+        snapshot_async: write periodic snapshots in the background: the state is copied into host memory kept for
+            it (pinned on CUDA; about the size of the model and optimizer state, on rank 0), and training goes on
+            while it is written. The final, preemption and time-budget snapshots are always written before the run
+            ends. False: every snapshot holds up training until it is durable.
         callbacks: :class:`~pixelz_dist.callbacks.Callback` objects (events, stop / snapshot requests, saved state).
         strict_load: refuse a snapshot whose model keys differ from the model's (shape mismatches are always refused).
         drop_last: drop a short last batch of each epoch.

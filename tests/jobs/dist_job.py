@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from snapshot_wait import wait_until_durable
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
@@ -104,6 +105,7 @@ class Probe(Callback):
             time.sleep(60)  # a hung peer: the others must give up after dist_timeout, long before this ends
         if (self.cfg.get("kill_rank") == self.rank and self.cfg.get("kill_at") == state.iteration
                 and self.attempt == 0):
+            wait_until_durable(state)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_end(self, state):

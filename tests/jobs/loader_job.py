@@ -26,6 +26,7 @@ import signal
 import sys
 
 import torch
+from snapshot_wait import wait_until_durable
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from dist_job import MLP
@@ -130,20 +131,27 @@ class Probe(Callback):
         self.steps = 0
         self.epochs_ended = []
         self.snapshots = []
+        self.seen_at = {}
 
     def on_iteration_end(self, state):
         self.steps += 1
+        self.seen_at[state.iteration] = list(state.model.seen)  # a background snapshot's hook runs a few later
         if self.cfg.get("kill_at") == state.iteration:
+            wait_until_durable(state)
+            self.record(state.newest_snapshot[1])  # its on_snapshot would come at a later iteration
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_epoch_end(self, state):
         self.epochs_ended.append(state.iteration)
 
     def on_snapshot(self, state, path):
-        self.snapshots.append(state.iteration)
+        self.snapshots.append(state.last_snapshot_iteration)
+        self.record(state.last_snapshot_iteration)
+
+    def record(self, iteration):
         if self.cfg.get("out"):
-            with open(os.path.join(self.cfg["out"], f"rank{rank()}_at{state.iteration}.json"), "w") as f:
-                json.dump(state.model.seen, f)
+            with open(os.path.join(self.cfg["out"], f"rank{rank()}_at{iteration}.json"), "w") as f:
+                json.dump(self.seen_at[iteration], f)
 
 
 def make_loader(cfg):

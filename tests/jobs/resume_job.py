@@ -11,6 +11,7 @@ import signal
 import sys
 
 import torch
+from snapshot_wait import wait_until_durable
 
 from pixelz_dist import Callback, MultiImgsDataset, train_model
 from pixelz_dist.cli.demo import DEMO_FOLDERS, DemoDataset, TinySegNet
@@ -42,6 +43,7 @@ class KillAt(Callback):
 
     def on_iteration_end(self, state):
         if state.iteration == self.iteration:
+            wait_until_durable(state)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
