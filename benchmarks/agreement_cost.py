@@ -92,8 +92,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="steps per round (default 200)")
     p.add_argument("--rounds", type=int, default=5, help="rounds with and without the agreement, alternating")
     p.add_argument("--step-ms", type=float, default=5.0, help="the step's length in ms (default 5)")
+    p.add_argument("--quick", action="store_true", help="40 steps x 2 rounds: a smoke test of a few seconds")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 40, 2
     if args.worker:
         worker(args)
         return

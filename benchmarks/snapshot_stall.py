@@ -119,7 +119,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--interval", type=int, default=12)
     parser.add_argument("--folder", default=None, help="where snapshots go (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="8 M parameters, 36 iterations: a smoke test")
     args = parser.parse_args()
+    if args.quick:
+        args.params, args.iters = 8e6, 36
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         sync = run(args, False, folder)

@@ -233,8 +233,10 @@ class Checkpointer:
                     break
                 delay = min(delay * 2, 0.1)
         else:
-            self._writing.join()
-            failed = self._writing.error is not None
+            failed = False
+            if self._writing is not None:
+                self._writing.join()
+                failed = self._writing.error is not None
         self._failed() if failed else self._durable()
 
     def _durable(self) -> None:

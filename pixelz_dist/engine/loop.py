@@ -11,10 +11,12 @@ Pseudocode of one run::
             callbacks.on_after_backward; optimizer.step(); optimizer.zero_grad()
             iteration += 1; source.advance(window); scheduler per iteration; callbacks.on_iteration_end
             at the epoch's end: source.end_epoch(); scheduler per epoch; callbacks.on_epoch_end
-            requests settled (under torchrun: agreed over ranks, one iteration late, without blocking)
+            requests settled (under torchrun: agreed over ranks, one iteration late, without blocking), with
+                rank 0's news of a snapshot being written: on_snapshot once durable, or its error raised
             every display_iter: one log line + one metrics row (the only regular host sync)
-            snapshot when due or requested; stop at num_iters / num_epochs / an agreed request
-    final snapshot; callbacks.on_train_end
+            snapshot when due or requested (copied to host memory, written in the background);
+            stop at num_iters / num_epochs / an agreed request
+    final snapshot, written before returning; callbacks.on_train_end
 
 Who owns what: the data position is the batch source's (``data/``), placement and wrapping
 :class:`~pixelz_dist.distributed.model_wrapping.PreparedModel`'s, snapshots the
