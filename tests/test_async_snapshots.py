@@ -105,24 +105,21 @@ def test_a_kill_during_a_background_write_keeps_the_previous_snapshot_and_auto_r
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ranks_wait_for_a_slow_write_outside_every_collective_and_all_see_it_durable(tmp_path):
-    """dist_timeout is 3 s; rank 0's writes of iteration 4 (in the background) and 8 (the final one, waited for)
-    take 6 s each. A rank that waited for them inside a collective would time out; none does: the job ends with
-    exit 0, its final snapshot on disk, and on_snapshot ran on both ranks, once per snapshot, with the file there."""
+    """dist_timeout is 3 s; rank 0's writes of iteration 4 (in the background: iterations 5-8 run meanwhile, then the
+    final snapshot waits for it) and 8 (the final one, waited for) take 6 s each. A rank that waited for them inside
+    a collective would time out; none does: the job ends with exit 0, its final snapshot on disk, and on_snapshot
+    ran on both ranks, once per snapshot, with the file there."""
     prefix = str(tmp_path / "s")
-    base = {"prefix": prefix, "out": str(tmp_path), "num_iters": 8, "interval": 4, "dist_timeout": 3,
-            "gate": "fsync", "hold": 6}
-    for gate_at in (4, 8):
-        for name in glob.glob(str(tmp_path / "*")):
-            os.remove(name) if os.path.isfile(name) else None
-        proc = start({**base, "gate_at": gate_at}, nproc=2)
-        output = proc.communicate(timeout=180)[0]
-        assert proc.returncode == 0, output
-        assert os.path.exists(tmp_path / f"held{gate_at}")  # the write was held
-        assert [it for it, _ in list_snapshots(prefix)] == [8, 4]
-        for rank in (0, 1):
-            hooks = [json.loads(line) for line in open(tmp_path / f"snapshots{rank}")]
-            assert [os.path.basename(path) for _, path, _ in hooks] == ["s_iter_4.pt", "s_iter_8.pt"], (rank, hooks)
-            assert all(existed for _, _, existed in hooks)
+    proc = start({"prefix": prefix, "out": str(tmp_path), "num_iters": 8, "interval": 4, "dist_timeout": 3,
+                  "gate": "fsync", "hold": 6, "gate_at": [4, 8]}, nproc=2)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output
+    assert os.path.exists(tmp_path / "held4") and os.path.exists(tmp_path / "held8")  # both writes were held
+    assert [it for it, _ in list_snapshots(prefix)] == [8, 4]
+    for rank in (0, 1):
+        hooks = [json.loads(line) for line in open(tmp_path / f"snapshots{rank}")]
+        assert [os.path.basename(path) for _, path, _ in hooks] == ["s_iter_4.pt", "s_iter_8.pt"], (rank, hooks)
+        assert all(existed for _, _, existed in hooks)
 
 
 class FailAt:

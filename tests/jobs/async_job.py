@@ -4,7 +4,7 @@ kill the process, or time the other ranks, while that write is under way in the 
 Usage: python async_job.py CONFIG_JSON (also under torchrun). Config: ``prefix``, ``out`` (a folder for the records
 below), ``num_iters``, ``interval``, ``keep_last``, ``resume``, ``dist_timeout``, and the gate: ``gate`` ("write":
 half the bytes are in the temporary file; "fsync": all of them, not yet flushed nor renamed), ``gate_at`` (the
-snapshot iteration held), ``hold`` (seconds; default: until killed).
+snapshot iteration held, or a list of them), ``hold`` (seconds; default: until killed).
 
 Records in ``out``: ``progress<rank>`` (the last iteration ended), ``held<iteration>`` (the write is being held),
 ``snapshots<rank>`` (one line per on_snapshot: the iteration the hook ran at, the path, whether the file existed).
@@ -50,11 +50,13 @@ class Record(Callback):
 def hold_write(cfg):
     """Replace the checkpointer's save with one that holds the write of ``gate_at`` at the gate (the rest as is)."""
     real_save = checkpointer.save_snapshot
-    held = os.path.join(cfg["out"], f"held{cfg['gate_at']}")
+    gated = cfg["gate_at"] if isinstance(cfg["gate_at"], list) else [cfg["gate_at"]]
 
     def save_snapshot(snapshot, path):
-        if not path.endswith(f"_iter_{cfg['gate_at']}.pt"):
+        iteration = next((it for it in gated if path.endswith(f"_iter_{it}.pt")), None)
+        if iteration is None:
             return real_save(snapshot, path)
+        held = os.path.join(cfg["out"], f"held{iteration}")
         buffer = io.BytesIO()
         torch.save(snapshot, buffer)
         data = buffer.getvalue()
