@@ -362,25 +362,36 @@ def test_train_model_multigpu_from_plain_python_equals_torchrun(tmp_path):
 
 
 # -- the learning-rate finder across processes ------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["runs", "sweep"])
-def test_find_lr_losses_under_torchrun_and_find_lr_multigpu_equal_one_process(tmp_path, method):
-    """Every rank trains its shard, losses are averaged over ranks before they are recorded, rank 0 writes."""
+@pytest.fixture(scope="module")
+def find_lr_results(tmp_path_factory):
+    """Both methods, ``runs`` then ``sweep``, each from a fresh model in the same job: in one process (batch 8),
+    under torchrun (2 x 4) and, ``runs`` only, through find_lr_multigpu (2 x 4); ``{(mode, method): result}``."""
     import numpy as np
 
-    def launch(mode, batch_size):
-        cfg = {"mode": mode, "result": str(tmp_path / f"{mode}.npz"), "batch_size": batch_size, "method": method,
-               "port": free_port()}
+    out = tmp_path_factory.mktemp("find_lr")
+    results = {}
+    for mode, batch_size, methods in (("single", 8, ("runs", "sweep")), ("torchrun", 4, ("runs", "sweep")),
+                                      ("multigpu", 4, ("runs",))):
+        files = {method: str(out / f"{mode}_{method}.npz") for method in methods}
+        cfg = {"mode": mode, "results": files, "batch_size": batch_size, "port": free_port()}
         script = os.path.join(TESTS, "jobs", "find_lr_job.py")
         env = {**job_env(), "PYTHONPATH": os.path.join(TESTS, "jobs")}
         cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", script, json.dumps(cfg)] if mode == "torchrun" \
             else [sys.executable, script, json.dumps(cfg)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr
-        return np.load(cfg["result"])
+        results.update({(mode, method): np.load(path) for method, path in files.items()})
+    return results
 
-    single = launch("single", 8)
+
+@pytest.mark.parametrize("method", ["runs", "sweep"])
+def test_find_lr_losses_under_torchrun_and_find_lr_multigpu_equal_one_process(find_lr_results, method):
+    """Every rank trains its shard, losses are averaged over ranks before they are recorded, rank 0 writes."""
+    import numpy as np
+
+    single = find_lr_results["single", method]
     modes = ("torchrun", "multigpu") if method == "runs" else ("torchrun",)
     for mode in modes:
-        result = launch(mode, 4)
+        result = find_lr_results[mode, method]
         np.testing.assert_allclose(result["losses"], single["losses"], rtol=1e-5, atol=1e-6, err_msg=mode)
         np.testing.assert_allclose(result["lrs"], single["lrs"])

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from conftest import TESTS
 from pixelz_dist import train_model
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
+from pixelz_dist.data.batch_source import stop_workers
 from pixelz_dist.data.sampler import ResumableBatchSampler
 from pixelz_dist.data.user_loader import UserLoaderSource
 from pixelz_dist.distributed.env import DistEnv
@@ -115,8 +116,19 @@ def test_a_stateful_sampler_resumes_mid_epoch_exactly(tmp_path):
 def test_torchdata_stateful_dataloader_resumes_mid_epoch_exactly(tmp_path):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    assert_split_run_equals_straight(
-        tmp_path, lambda: StatefulDataLoader(Indexed(), batch_size=4, shuffle=True, num_workers=2), stop_at=5)
+    loaders = []
+
+    def factory():
+        loaders.append(StatefulDataLoader(Indexed(), batch_size=4, shuffle=True, num_workers=2))
+        return loaders[-1]
+
+    try:
+        assert_split_run_equals_straight(tmp_path, factory, stop_at=5)
+    finally:
+        # Each loader keeps its last iterator, and its 2 workers, for its state_dict: stop them here. Left to the
+        # garbage collector (pytest's last collection, at exit), torchdata's shutdown waits 5 s for each worker.
+        for loader in loaders:
+            stop_workers(loader._iterator)
 
 
 def test_our_sampler_as_a_batch_sampler(tmp_path):

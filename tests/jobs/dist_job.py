@@ -165,3 +165,6 @@ def run(cfg, model, optimizer, scheduler, dataset, probe):
 
 if __name__ == "__main__":
     main()
+    # The job is done and its records are written: skip the interpreter's garbage collections at exit (over 300,000
+    # objects of torch's, about 1.3 s a process). Not on an error: that way out stays the ordinary one.
+    gc.freeze()

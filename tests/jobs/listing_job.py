@@ -5,6 +5,7 @@ Config keys (JSON): dirs, out (folder for rank<N>.json), prefix (snapshots), sha
 user_group (init_process_group, env://, before the dataset is built), workers (DataLoader workers, default 0).
 """
 
+import gc
 import json
 import os
 import sys
@@ -36,3 +37,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # The job is done and its records are written: skip the interpreter's garbage collections at exit (over 300,000
+    # objects of torch's, about 1.3 s a process). Not on an error: that way out stays the ordinary one.
+    gc.freeze()

@@ -20,6 +20,7 @@ At every snapshot each rank also writes the records it trained on so far to ``ou
 (what a killed run had trained on up to the snapshot a resume starts from).
 """
 
+import gc
 import json
 import os
 import signal
@@ -202,3 +203,6 @@ def train(cfg):
 
 if __name__ == "__main__":
     main()
+    # The job is done and its records are written: skip the interpreter's garbage collections at exit (over 300,000
+    # objects of torch's, about 1.3 s a process). Not on an error: that way out stays the ordinary one.
+    gc.freeze()

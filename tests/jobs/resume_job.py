@@ -5,6 +5,7 @@ number of iterations or epochs, and optionally ``kill_at``: the iteration after 
 (from a callback, i.e. in the middle of training, after a snapshot and before the next one).
 """
 
+import gc
 import json
 import os
 import signal
@@ -69,3 +70,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # The job is done and its records are written: skip the interpreter's garbage collections at exit (over 300,000
+    # objects of torch's, about 1.3 s a process). Not on an error: that way out stays the ordinary one.
+    gc.freeze()
