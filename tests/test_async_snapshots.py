@@ -229,3 +229,21 @@ def test_a_snapshot_is_loaded_memory_mapped(tmp_path):
     with open("/proc/self/maps") as f:
         assert os.path.realpath(path) in f.read()
     assert torch.equal(snap["model"]["lin.weight"], model.state_dict()["lin.weight"])
+
+
+def test_a_resumed_run_keeps_no_mapping_of_the_snapshot_file(tmp_path):
+    """The optimizer's CPU state loaded from a memory-mapped snapshot is its own memory after the resume: nothing
+    reads the file again (keep_last, or another node, may delete it; a mapped page read after that is a SIGBUS)."""
+    import gc
+
+    model = LinReg()
+    train_model(model, torch.optim.Adam(model.parameters(), lr=0.01), None, make_data(16), 2, num_iters=2,
+                snapshot_prefix=str(tmp_path / "s"), num_workers=0)
+    path = os.path.realpath(tmp_path / "s_iter_2.pt")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    train_model(model, optimizer, None, make_data(16), 2, num_iters=3, snapshot_prefix=str(tmp_path / "s"),
+                num_workers=0, load_snapshot_path=path, keep_last=1)
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        assert path not in f.read()
+    assert all(torch.isfinite(t).all() for s in optimizer.state.values() for t in s.values())

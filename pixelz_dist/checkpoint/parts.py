@@ -95,6 +95,20 @@ class OptimizerState:
             raise SnapshotError(f"its optimizer state does not fit this optimizer ({type(e).__name__}: {e}). HINT: "
                                 "build the optimizer with the same parameter groups, in the same order, as the run "
                                 "that wrote the snapshot.") from e
+        self._own_memory(state)
+
+    def _own_memory(self, state: dict) -> None:
+        """Give the optimizer its own copy of any tensor it kept from the snapshot (torch keeps a CPU tensor of the
+        right dtype as it is): snapshots are loaded memory-mapped, and a state still backed by the file would read it
+        at its first use, after ``keep_last`` may have deleted it (on NFS, deleted by another node: a SIGBUS)."""
+        loaded = {t.untyped_storage().data_ptr() for group in state.get("state", {}).values()
+                  for t in group.values() if isinstance(t, torch.Tensor)}
+        if not loaded:
+            return
+        for param_state in self.optimizer.state.values():
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in loaded:
+                    param_state[key] = value.clone()
 
 
 class SchedulerState:
