@@ -247,3 +247,16 @@ def test_a_resumed_run_keeps_no_mapping_of_the_snapshot_file(tmp_path):
     with open("/proc/self/maps") as f:
         assert path not in f.read()
     assert all(torch.isfinite(t).all() for s in optimizer.state.values() for t in s.values())
+
+
+def test_no_memory_for_the_copy_is_one_error_that_says_what_to_do(tmp_path, monkeypatch):
+    def no_memory(self, state):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(HostStaging, "stage", no_memory)
+    model = LinReg()
+    with pytest.raises(SnapshotError, match=r"cannot write snapshot .*s_iter_2\.pt: copying its state to host memory "
+                                            r"failed .*can't allocate memory.*--no-async-snapshots"):
+        train_model(model, torch.optim.SGD(model.parameters(), lr=0.01), None, make_data(16), 2, num_iters=4,
+                    snapshot_prefix=str(tmp_path / "s"), snapshot_interval=2, num_workers=0)
+    assert list_snapshots(str(tmp_path / "s")) == []

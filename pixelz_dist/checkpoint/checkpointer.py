@@ -148,9 +148,13 @@ class Checkpointer:
             except SnapshotError as e:
                 error = f"cannot write snapshot {path}: {e}"
             else:
-                # a snapshot the process waits for is written from the live state (nothing changes it meanwhile)
-                staged = self._staging.stage(snapshot) if not wait else Staged(snapshot, [], [])
-                self._writing = BackgroundWrite(iteration, path, lambda: self._write(staged, path))
+                try:  # a snapshot the process waits for is written from the live state (nothing changes it meanwhile)
+                    staged = self._staging.stage(snapshot) if not wait else Staged(snapshot, [], [])
+                    self._writing = BackgroundWrite(iteration, path, lambda: self._write(staged, path))
+                except (RuntimeError, OSError, MemoryError) as e:  # no memory for the copy: every rank must hear it
+                    error = (f"cannot write snapshot {path}: copying its state to host memory failed "
+                             f"({type(e).__name__}: {e}). HINT: free host memory, or pass snapshot_async=False "
+                             "(--no-async-snapshots) to write snapshots from the live state.")
         error = broadcast_from_main(error)  # only whether the write started: nobody waits for the file here
         if error is not None:
             raise on_every_rank(SnapshotError(error))
