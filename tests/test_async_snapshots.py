@@ -62,12 +62,21 @@ def final_model(prefix) -> dict:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """The same job, never killed: what a killed and resumed run must end identical to."""
+    """The same job, never killed: what a killed and resumed run must end identical to. It runs beside the first
+    test's jobs; ``straight_run()`` waits for it and returns its final weights."""
     root = tmp_path_factory.mktemp("straight")
     cfg = {"prefix": str(root / "s"), "out": str(root), "num_iters": 12, "interval": 4}
     proc = start(cfg)
-    assert proc.wait(timeout=120) == 0, proc.stdout.read()
-    return final_model(cfg["prefix"])
+
+    def result():
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0, output
+        return final_model(cfg["prefix"])
+
+    yield result
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.slow
@@ -97,21 +106,21 @@ def test_a_kill_during_a_background_write_keeps_the_previous_snapshot_and_auto_r
     assert "resumed from" in output and "s_iter_4.pt: iteration 4" in output
     assert not glob.glob(str(tmp_path / ".s_iter_*.tmp"))  # the claim removed the killed write's leftover
     assert [it for it, _ in list_snapshots(prefix)] == [12]
-    ours = final_model(prefix)
-    assert ours.keys() == straight_run.keys()
-    assert all(torch.equal(ours[k], straight_run[k]) for k in ours)  # bit-exact, as if never killed
+    ours, straight = final_model(prefix), straight_run()
+    assert ours.keys() == straight.keys()
+    assert all(torch.equal(ours[k], straight[k]) for k in ours)  # bit-exact, as if never killed
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ranks_wait_for_a_slow_write_outside_every_collective_and_all_see_it_durable(tmp_path):
     """dist_timeout is 3 s; rank 0's writes of iteration 4 (in the background: iterations 5-8 run meanwhile, then the
-    final snapshot waits for it) and 8 (the final one, waited for) take 6 s each. A rank that waited for them inside
+    final snapshot waits for it) and 8 (the final one, waited for) take 5 s each. A rank that waited for them inside
     a collective would time out; none does: the job ends with exit 0, its final snapshot on disk, and on_snapshot
     ran on both ranks, once per snapshot, with the file there."""
     prefix = str(tmp_path / "s")
     proc = start({"prefix": prefix, "out": str(tmp_path), "num_iters": 8, "interval": 4, "dist_timeout": 3,
-                  "gate": "fsync", "hold": 6, "gate_at": [4, 8]}, nproc=2)
+                  "gate": "fsync", "hold": 5, "gate_at": [4, 8]}, nproc=2)
     output = proc.communicate(timeout=180)[0]
     assert proc.returncode == 0, output
     assert os.path.exists(tmp_path / "held4") and os.path.exists(tmp_path / "held8")  # both writes were held
