@@ -74,6 +74,7 @@ class AppendFile:
         self.header = header
         self.pending: list[str] = []
         self._folder_made = False
+        self._checked_end = False
 
     def add(self, line: str) -> None:
         self.pending.append(line)
@@ -88,8 +89,24 @@ class AppendFile:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._folder_made = True
         new = not os.path.exists(self.path)
+        torn = not new and not self._checked_end and _ends_torn(self.path)
+        self._checked_end = True  # our own flushes end every line
         with open(self.path, "a", encoding="utf-8") as f:
             if new and self.header:
                 f.write(self.header + "\n")
-            f.write("\n".join(self.pending) + "\n")
+            # a run killed in the middle of a flush left a line without its end: ours must not be glued to it
+            f.write(("\n" if torn else "") + "\n".join(self.pending) + "\n")
         self.pending.clear()
+
+
+def _ends_torn(path: str) -> bool:
+    """Whether the file's last line lacks its newline (an append cut short by a kill)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False

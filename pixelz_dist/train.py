@@ -69,6 +69,10 @@ def main(argv=None) -> int:
                                          "python -m pixelz_dist.train --config THIS_FILE repeats the run"))
         if opts.demo:
             logger.info("demo data in %s (%d samples)", opts.demo_dir, len(dataset))
+        if opts.curves and opts.snapshot_prefix:  # the last callback: it draws what the others logged
+            from .callbacks.plot_curves import PlotCurves
+
+            callbacks.append(PlotCurves())
         passed = {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in cli.TRAIN_MODEL_OPTIONS}
         train_model(model, optimizer, scheduler, dataset, opts.batch_size, shuffle=opts.shuffle,
                     num_iters=opts.iters, num_epochs=opts.epochs, iter_size=opts.iter_size,

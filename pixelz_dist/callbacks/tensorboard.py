@@ -3,9 +3,15 @@
 Every ``every`` iterations all ranks average the last iteration's loss (one collective) and rank 0 writes the
 scalars ``train/loss``, ``train/lr`` (``train/lr/<group name>`` with several param groups) and ``train/epoch``, indexed
 by the iteration.
+
+A resumed run (``state.iteration`` > 0 when training starts: the snapshot is loaded before ``on_train_start``) opens
+its writer with ``purge_step`` = the first iteration it trains: TensorBoard hides the killed run's events from that
+step on, which the resumed run writes again, so no step appears twice.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from ..distributed.env import read_env
 from ..errors import ConfigError
@@ -25,7 +31,10 @@ def check_tensorboard() -> None:
 
 
 class TensorBoardLogger(Callback):
-    """Writes training scalars under ``log_dir``; ``writer_factory(log_dir)`` defaults to ``SummaryWriter``."""
+    """Writes training scalars under ``log_dir``; ``writer_factory(log_dir)`` defaults to ``SummaryWriter``.
+
+    When resuming, the factory also gets ``purge_step=`` (the first iteration trained now) if it accepts that keyword.
+    """
 
     def __init__(self, log_dir: str, every: int = 20, writer_factory=None):
         self.log_dir = log_dir
@@ -40,7 +49,11 @@ class TensorBoardLogger(Callback):
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer_factory = SummaryWriter
-            self.writer = self.writer_factory(self.log_dir)
+            kwargs = {}
+            if state.iteration > 0 and _accepts(self.writer_factory, "purge_step"):
+                # events of steps >= purge_step written before (by the run that was killed) are hidden
+                kwargs["purge_step"] = state.iteration + 1
+            self.writer = self.writer_factory(self.log_dir, **kwargs)
 
     def on_iteration_end(self, state):
         if state.iteration % self.every:
@@ -63,3 +76,12 @@ class TensorBoardLogger(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _accepts(factory, keyword: str) -> bool:
+    """Whether ``factory`` takes ``keyword`` (a user's factory written for ``factory(log_dir)`` keeps working)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

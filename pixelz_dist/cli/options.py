@@ -216,6 +216,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, **kwargs)
     g.add_argument("--tensorboard", metavar="DIR", help="also log loss and learning rates to TensorBoard in DIR "
                    "(needs the [tensorboard] extra)")
+    # not --plot: find_lr's --plot PNG shares the config files (a bool "plot" key would break find_lr --config)
+    g.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the training curves to SNAPSHOT_PREFIX_curves.png when training ends (rank 0, when "
+                        "matplotlib is installed: the [plot] extra); later: python -m pixelz_dist.plot PREFIX")
 
 
 def _add_find_lr(p: argparse.ArgumentParser) -> None:

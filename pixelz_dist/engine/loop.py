@@ -107,7 +107,8 @@ class Engine:
                        if self.distributed and not self.source.equal_lengths else None)
         self.state = TrainState(self)
         self.schedule = SnapshotSchedule(s.snapshot_interval, by_epochs=s.num_epochs is not None)
-        log_prefix = (s.log_prefix or s.snapshot_prefix) if env.is_main else None
+        self.log_prefix = s.log_prefix or s.snapshot_prefix  # where the records go (rank 0 writes them)
+        log_prefix = self.log_prefix if env.is_main else None
         self.order = open_order_record(log_prefix) if log_prefix else None
         self.reporter = Reporter(AppendFile(f"{log_prefix}_metrics.jsonl") if log_prefix else None, env.world_size,
                                  self.comm_device, s.display_gpu, device)
@@ -213,6 +214,8 @@ class Engine:
                 self.stepper.after_epoch()
         if self.order is not None:
             self.order.add(f"# resumed from {path} at iteration {self.progress.iteration}")
+        if self.reporter.metrics is not None:  # the killed run's rows after it are no longer this run's (curves.py)
+            self.reporter.metrics.add_json({"resumed_at": self.progress.iteration, "snapshot": path})
         source = self.source
         logger.info("resumed from %s: iteration %d, epoch %d, position %d of %s %s", path, self.progress.iteration,
                     source.epoch, source.position, source.epoch_size, source.unit)

@@ -55,6 +55,9 @@ class TrainState:
     lrs = property(lambda self: learning_rates(self._engine.optimizer), doc="each param group's lr, as floats")
     dataset = property(lambda self: self._engine.dataset, doc="what was passed as dataset (or the DataLoader)")
     snapshot_prefix = property(lambda self: self._engine.checkpointer.prefix)
+    log_prefix = property(lambda self: self._engine.log_prefix,
+                          doc="the prefix of the run's records ({log_prefix}_metrics.jsonl, written by rank 0): "
+                              "log_prefix, else snapshot_prefix (None: no records)")
     last_snapshot_path = property(lambda self: self._engine.checkpointer.last_path,
                                   doc="the newest durable snapshot, written or resumed from (None before any)")
     last_snapshot_iteration = property(lambda self: self._engine.checkpointer.durable_iteration)
