@@ -121,13 +121,15 @@ def _iteration(row: dict) -> int | None:
 def continuous_rows(rows: list[dict]) -> tuple[list[dict], list[int]]:
     """The rows of the run's current timeline, in file order, and the iterations it was resumed from.
 
-    A ``{"resumed_at": N}`` marker drops the rows of iterations after N written before it (by the killed run); a
-    row whose iteration is below the highest read so far (a file without markers) drops the rows from its iteration
-    on. Rows without an integer ``iteration`` are left out.
+    A ``{"resumed_at": N}`` marker drops the rows of iterations after N written before it (by the killed run). A
+    training row (the log line's: it has ``loss`` and ``lr``) whose iteration is below that of the training row before
+    it (a file written before markers existed) drops the rows from its iteration on. Other rows (validation values
+    of a snapshot, written when it is durable, a few iterations later) may come late. Rows without an integer
+    ``iteration`` are left out.
     """
     kept: list[dict] = []
     resumed: list[int] = []
-    top = -math.inf
+    top = -math.inf  # the last training row's iteration
     for row in rows:
         if RESUME_KEY in row:
             try:
@@ -136,15 +138,16 @@ def continuous_rows(rows: list[dict]) -> tuple[list[dict], list[int]]:
                 continue
             kept = [r for r in kept if r["iteration"] <= at]
             resumed.append(at)
-            top = max((r["iteration"] for r in kept), default=-math.inf)
+            top = min(top, at)
             continue
         it = _iteration(row)
         if it is None:
             continue
-        if it < top:
-            kept = [r for r in kept if r["iteration"] < it]
+        if "loss" in row and "lr" in row:
+            if it < top:
+                kept = [r for r in kept if r["iteration"] < it]
+            top = it
         kept.append(row)
-        top = it
     return kept, resumed
 
 
