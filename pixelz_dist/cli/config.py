@@ -69,7 +69,7 @@ def _convert(spec: OptionSpec, value: Any) -> Any:
         raise ValueError("a table (key = value) or a list of 'KEY=VALUE' strings")
     if spec.kind == "list":
         if not isinstance(value, list):
-            raise ValueError(f"a list of {spec.type.__name__}")
+            value = [value]  # as on the command line: `crop = 512` is `--crop 512`
         return [_scalar(spec, v) for v in value]
     return _scalar(spec, value)
 
