@@ -240,17 +240,19 @@ def test_augmented_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path)
     common = ["--model", "aug_model:AugNet", "--data", dirs[0], dirs[2], "--modes", "RGB", "label", "--crop", "14",
               "--hflip", "--scale-range", "0.5", "1.5", "--batch-size", "3", "--optimizer", "adamw", "--lr", "0.05",
               "--display-iter", "1", "--seed", "3"]
-    # 10 samples, batches of 3: 4 batches per epoch; stopping after 3 leaves the rest of epoch 0, then epoch 1.
-    straight = _train(*common, "--iters", "7", "--workers", "0", "--snapshot-prefix", str(tmp_path / "a" / "s"))
+    # 10 samples, batches of 3: 4 batches per epoch. The snapshot of iteration 3 (mid-epoch 0) is where a stopped run
+    # would start again: a fresh process continues from it, with other workers, to iteration 7 (in epoch 1).
+    first = str(tmp_path / "a" / "s")
+    straight = _train(*common, "--iters", "7", "--snapshot-interval", "3", "--workers", "0", "--snapshot-prefix", first)
     assert straight.returncode == 0, straight.stderr
     assert "augmentation (one draw per sample, all folders): random scale 0.5-1.5 x, random crop 14 x 14" in \
         straight.stderr and "the random rescale before the crop needs every pixel" in straight.stderr
+    stopped_at = dict(list_snapshots(first))[3]
     prefix = str(tmp_path / "b" / "s")
-    stopped = _train(*common, "--iters", "3", "--workers", "0", "--snapshot-prefix", prefix)
-    assert stopped.returncode == 0, stopped.stderr
-    resumed = _train(*common, "--iters", "7", "--workers", "2", "--snapshot-prefix", prefix, "--resume", "auto")
+    resumed = _train(*common, "--iters", "7", "--workers", "2", "--snapshot-prefix", prefix, "--resume", stopped_at)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "iter 7/7" in resumed.stderr
-    a = load_snapshot(list_snapshots(str(tmp_path / "a" / "s"))[0][1])
+    a = load_snapshot(list_snapshots(first)[0][1])
     b = load_snapshot(list_snapshots(prefix)[0][1])
+    assert a["progress"]["iteration"] == 7
     assert_same_training_state(a, b)
