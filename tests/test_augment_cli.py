@@ -35,7 +35,7 @@ def classes(i: int, h: int, w: int) -> np.ndarray:
     return np.kron(blocks, np.ones((4, 4), np.uint8))[:h, :w]
 
 
-def write_folders(root, n=len(SIZES), photo_format="png") -> list[str]:
+def write_folders(root, n=6, photo_format="png") -> list[str]:
     dirs = [os.path.join(root, d) for d in ("rgb", "grey", "label_a", "label_b")]
     for d in dirs:
         os.makedirs(d, exist_ok=True)
