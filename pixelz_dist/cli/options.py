@@ -186,8 +186,8 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--scale-range", nargs=2, type=float, metavar=("LO", "HI"), help="--data with --crop: before the "
                    "crop, resize each sample by a factor drawn uniformly from [LO, HI] of its own size (images "
                    "bilinear, label maps nearest), e.g. 0.5 2.0 as torchvision's segmentation references")
-    g.add_argument("--pad-value", type=int, default=0, help="--crop: the value images are padded with, 0..255 in "
-                   "stored pixel units (the padding comes before the scaling to [0, 1])")
+    g.add_argument("--pad-value", type=int, default=0, metavar="VALUE", help="--crop: the value images are padded "
+                   "with, 0..255 in stored pixel units (the padding comes before the scaling to [0, 1])")
     add_ignore_index(g)
     g.add_argument("--dataset", metavar="MODULE:FACTORY", help="a callable returning a map-style dataset, for full "
                    "control over the data")
