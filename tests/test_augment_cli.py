@@ -256,3 +256,14 @@ def test_augmented_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path)
     b = load_snapshot(list_snapshots(prefix)[0][1])
     assert a["progress"]["iteration"] == 7
     assert_same_training_state(a, b)
+
+
+def test_python_api_checks_its_arguments():
+    from pixelz_dist.data.augment import RandomScale, joint_augmentation
+
+    for bad in ((2.0, 1.0), (0.0, 1.0), (-1.0, 2.0)):
+        with pytest.raises(ValueError, match="0 < lo <= hi"):
+            RandomScale(bad)
+    for bad in (0, (3, 4, 5), (3, -1), 2.5):
+        with pytest.raises(ValueError, match="a crop is one positive size"):
+            joint_augmentation(crop=bad)

@@ -79,8 +79,8 @@ class RandomScale(v2.Transform):
 
 def crop_size(crop: int | Sequence[int]) -> tuple[int, int]:
     """``(height, width)`` from one number (a square) or two; raises ValueError for anything else."""
-    size = [crop] if isinstance(crop, int) else list(crop)
-    if len(size) not in (1, 2) or not all(isinstance(s, int) and s > 0 for s in size):
+    size = list(crop) if isinstance(crop, Sequence) else [crop]
+    if len(size) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ValueError(f"a crop is one positive size or height and width, got {crop!r}")
     return (size[0], size[-1])
 
