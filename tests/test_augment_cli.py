@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import DIST_VARS, TESTS
 from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
-from pixelz_dist.cli.build import build_folder_dataset
+from pixelz_dist.cli.build import folder_dataset
 from pixelz_dist.cli.options import parse
 from pixelz_dist.data import MultiImgsDataset
 from pixelz_dist.data import jpeg_region as jpeg_region_module
@@ -51,7 +51,7 @@ def write_folders(root, n=6, photo_format="png") -> list[str]:
 
 def dataset(dirs, *flags: str, modes=("RGB", "L", "label", "label")) -> MultiImgsDataset:
     opts = parse("train", ["--model", "x:y", "--iters", "1", "--data", *dirs, "--modes", *modes, *flags])
-    return build_folder_dataset(opts)
+    return folder_dataset(opts, opts.data, augment=True)
 
 
 def original(dirs, i):
@@ -267,3 +267,15 @@ def test_python_api_checks_its_arguments():
     for bad in (0, (3, 4, 5), (3, -1), 2.5):
         with pytest.raises(ValueError, match="a crop is one positive size"):
             joint_augmentation(crop=bad)
+
+
+def test_other_folders_decoded_alike_are_not_augmented(tmp_path):
+    """folder_dataset(opts, folders) without augment=True (validation folders): whole images, no random draw."""
+    dirs = write_folders(tmp_path, n=2)
+    opts = parse("train", ["--model", "x:y", "--iters", "1", "--data", *dirs, "--modes", "RGB", "L", "label", "label",
+                           "--crop", "8", "--hflip", "--scale-range", "0.5", "2"])
+    plain = folder_dataset(opts, dirs)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        photo, la, padded = check_sample(plain[0], before := original(dirs, 0))
+        assert torch.equal(la, before) and torch.equal(photo, la * 50) and not padded.any()

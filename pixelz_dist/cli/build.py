@@ -28,8 +28,7 @@ from ..engine.param_groups import make_param_groups
 from ..errors import ConfigError
 from .imports import call_factory
 
-__all__ = ["build_dataset_and_model", "build_folder_dataset", "build_optimizer", "build_scheduler",
-           "total_iterations"]
+__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "folder_dataset", "total_iterations"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +58,29 @@ def build_dataset_and_model(opts: Namespace):
         dataset = call_factory(opts.dataset, "--dataset", opts.dataset_arg, _is_dataset,
                                "a map-style dataset (with __len__ and __getitem__)")
     else:
-        dataset = build_folder_dataset(opts)
+        dataset = folder_dataset(opts, opts.data, augment=True)
     return model, dataset
 
 
-def build_folder_dataset(opts: Namespace):
-    """The ``--data`` dataset: a MultiImgsDataset whose joint transform is ``--crop`` / ``--hflip`` /
-    ``--scale-range`` (if any) and the scaling of images to float [0, 1]; logs the augmentation and whether only the
-    crop is decoded."""
+def folder_dataset(opts: Namespace, folders: list[str], *, augment: bool = False):
+    """A :class:`MultiImgsDataset` over ``folders`` as ``--data`` builds it (``--modes``, bad files, cache), its
+    images scaled to float [0, 1].
+
+    Args:
+        opts: The resolved options.
+        folders: ``--data`` for training; other folders (validation) are decoded alike.
+        augment: Add ``--crop`` / ``--hflip`` / ``--scale-range`` (training only: validation sees whole images), and
+            log the augmentation and whether only the crop is decoded.
+    """
     from ..data.augment import describe, joint_augmentation
     from ..data.multi_images import MultiImgsDataset
 
-    augment = dict(crop=opts.crop, hflip=opts.hflip, scale_range=opts.scale_range, pad_value=opts.pad_value,
-                   ignore_value=opts.ignore_index)
+    flags = dict(crop=opts.crop, hflip=opts.hflip, scale_range=opts.scale_range, pad_value=opts.pad_value,
+                 ignore_value=opts.ignore_index) if augment else {}
     # A joint transform: label folders are masks (nearest, padded with the ignore index, never scaled to floats).
-    dataset = MultiImgsDataset(opts.data, joint_augmentation(**augment), modes=opts.modes, on_error=opts.on_bad_file,
+    dataset = MultiImgsDataset(folders, joint_augmentation(**flags), modes=opts.modes, on_error=opts.on_bad_file,
                                cache_dir=opts.cache_dir)
-    if opts.crop is not None or opts.hflip:
+    if augment and (opts.crop is not None or opts.hflip):
         if dataset.crop_aware:
             how = ("crop-aware decoding: the crop is drawn from the file sizes, then only its pixels are decoded "
                    "(cached images: its rows)" if dataset.region_decoding else "crop-aware decoding: the crop is "
@@ -87,7 +92,7 @@ def build_folder_dataset(opts: Namespace):
             how = "whole images decoded (crop-aware decoding unavailable)"
         else:
             how = "whole images decoded (no crop)"
-        logger.info("augmentation (one draw per sample, all folders): %s; %s", describe(**augment), how)
+        logger.info("augmentation (one draw per sample, all folders): %s; %s", describe(**flags), how)
     return dataset
 
 
