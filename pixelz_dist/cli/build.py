@@ -2,8 +2,10 @@
 
 ``--data DIR [DIR ...]`` gives a :class:`~pixelz_dist.data.multi_images.MultiImgsDataset` over the folders whose
 samples are float tensors in [0, 1] (one per folder, ``C x H x W``, decoded with ``--modes``), except ``label``
-folders: class indices as int64 ``H x W``, never scaled. A batch reaches the model as ``model(*images)``; resizing,
-cropping and augmentation belong to a ``--dataset`` factory.
+folders: class indices as int64 ``H x W``, never scaled. A batch reaches the model as ``model(*images)``.
+``--crop``, ``--hflip`` and ``--scale-range`` add the joint augmentation of :mod:`~pixelz_dist.data.augment` (one
+draw for all folders of a sample; label maps nearest and padded with ``--ignore-index``); anything else belongs to a
+``--dataset`` factory.
 Schedulers: ``step`` (``--step-size``, ``--gamma``), ``multistep`` (``--milestones``, ``--gamma``), ``cosine``
 (``T_max`` = the run's length in epochs, or in iterations with ``--schedule-on-iter``; ``--eta-min``) and
 ``onecycle`` (``max_lr`` = ``--lr``, ``total_steps`` = the run's iterations, always stepped per iteration).
@@ -11,6 +13,7 @@ Schedulers: ``step`` (``--step-size``, ``--gamma``), ``multistep`` (``--mileston
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from argparse import Namespace
@@ -25,7 +28,9 @@ from ..engine.param_groups import make_param_groups
 from ..errors import ConfigError
 from .imports import call_factory
 
-__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "total_iterations"]
+__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "folder_dataset", "total_iterations"]
+
+logger = logging.getLogger(__name__)
 
 
 def _is_dataset(obj) -> bool:
@@ -53,14 +58,42 @@ def build_dataset_and_model(opts: Namespace):
         dataset = call_factory(opts.dataset, "--dataset", opts.dataset_arg, _is_dataset,
                                "a map-style dataset (with __len__ and __getitem__)")
     else:
-        from torchvision.transforms import v2
-
-        from ..data.multi_images import MultiImgsDataset
-
-        # A joint transform: label folders are masks, which ToDtype(float32) leaves alone (only images are scaled).
-        dataset = MultiImgsDataset(opts.data, v2.ToDtype(torch.float32, scale=True), modes=opts.modes,
-                                   on_error=opts.on_bad_file, cache_dir=opts.cache_dir)
+        dataset = folder_dataset(opts, opts.data, augment=True)
     return model, dataset
+
+
+def folder_dataset(opts: Namespace, folders: list[str], *, augment: bool = False):
+    """A :class:`MultiImgsDataset` over ``folders`` as ``--data`` builds it (``--modes``, bad files, cache), its
+    images scaled to float [0, 1].
+
+    Args:
+        opts: The resolved options.
+        folders: ``--data`` for training; other folders (validation) are decoded alike.
+        augment: Add ``--crop`` / ``--hflip`` / ``--scale-range`` (training only: validation sees whole images), and
+            log the augmentation and whether only the crop is decoded.
+    """
+    from ..data.augment import describe, joint_augmentation
+    from ..data.multi_images import MultiImgsDataset
+
+    flags = dict(crop=opts.crop, hflip=opts.hflip, scale_range=opts.scale_range, pad_value=opts.pad_value,
+                 ignore_value=opts.ignore_index) if augment else {}
+    # A joint transform: label folders are masks (nearest, padded with the ignore index, never scaled to floats).
+    dataset = MultiImgsDataset(folders, joint_augmentation(**flags), modes=opts.modes, on_error=opts.on_bad_file,
+                               cache_dir=opts.cache_dir)
+    if augment and (opts.crop is not None or opts.hflip):
+        if dataset.crop_aware:
+            how = ("crop-aware decoding: the crop is drawn from the file sizes, then only its pixels are decoded "
+                   "(cached images: its rows)" if dataset.region_decoding else "crop-aware decoding: the crop is "
+                   "drawn from the file sizes, cached images read by rows; JPEGs decoded whole (the JPEG region "
+                   "decoder is not built, see the README)")
+        elif opts.crop is not None and opts.scale_range is not None:
+            how = "whole images decoded: the random rescale before the crop needs every pixel"
+        elif opts.crop is not None:
+            how = "whole images decoded (crop-aware decoding unavailable)"
+        else:
+            how = "whole images decoded (no crop)"
+        logger.info("augmentation (one draw per sample, all folders): %s; %s", describe(**flags), how)
+    return dataset
 
 
 def place_model(model: nn.Module, device: str) -> torch.device:

@@ -1,7 +1,8 @@
 """Run configurations as TOML files: load and check against the options, merge with the command line, save.
 
 Keys are the long option names with ``-`` written ``_`` (``--batch-size`` -> ``batch_size``); repeatable
-``KEY=VALUE`` options (``--model-arg``, ``--dataset-arg``, ``--param-lr``) are tables. Precedence: the command line,
+``KEY=VALUE`` options (``--model-arg``, ``--dataset-arg``, ``--param-lr``) are tables; an option that takes several
+values takes a list, or one value as on the command line (``crop = 512``). Precedence: the command line,
 then the file, then the defaults. Options that exclude each other (``epochs`` / ``iters``; ``demo`` / ``model``;
 ``demo`` / ``data`` / ``dataset``) may not both come from one source; when the command line sets one of them, the
 file's others are dropped (``--iters 100`` on the command line replaces the file's ``epochs``).
@@ -69,7 +70,7 @@ def _convert(spec: OptionSpec, value: Any) -> Any:
         raise ValueError("a table (key = value) or a list of 'KEY=VALUE' strings")
     if spec.kind == "list":
         if not isinstance(value, list):
-            raise ValueError(f"a list of {spec.type.__name__}")
+            value = [value]  # as on the command line: `crop = 512` is `--crop 512`
         return [_scalar(spec, v) for v in value]
     return _scalar(spec, value)
 

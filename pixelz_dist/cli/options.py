@@ -27,8 +27,11 @@ from .imports import parse_assignments
 COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz_dist.find_lr"}
 META = ("config", "print_config")  # options about the configuration itself, never saved in it
 TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE options; tables in a config file
+#: The joint augmentation of --data (pixelz_dist.data.augment); the same names in a config file.
+AUGMENTATION = ("crop", "hflip", "scale_range", "pad_value")
 EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")]
-DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir"), "dataset": ("dataset_arg",)}
+DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir", *AUGMENTATION),
+              "dataset": ("dataset_arg",)}
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")
 
@@ -137,6 +140,14 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def add_ignore_index(group) -> None:
+    """``--ignore-index``: the one definition of the label value that means "no class", for every option that needs
+    it (the padding of label maps by ``--crop``, metrics that leave those pixels out)."""
+    group.add_argument("--ignore-index", type=int, default=255, metavar="INDEX", help="the value of label-map pixels "
+                       "without a class: --crop pads label maps with it; give your loss the same (e.g. "
+                       "F.cross_entropy(..., ignore_index=255))")
+
+
 # -- the options -----------------------------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
     g = p.add_argument_group("configuration")
@@ -167,6 +178,17 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--cache-dir", metavar="DIR", help="--data: keep the decoded pixels of lossless images (PNG, TIFF, "
                    "BMP, ...) in DIR, so they are inflated once, not every epoch (fill it ahead with "
                    "python -m pixelz_dist.prepare)")
+    g.add_argument("--crop", nargs="+", type=int, metavar="SIZE", help="--data: a random crop of SIZE x SIZE or "
+                   "(two numbers) H x W, the same for every folder of a sample; an image smaller than the crop is "
+                   "padded (images with --pad-value, label maps with --ignore-index)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=False,
+                   help="--data: flip each sample (all its folders) horizontally with probability 0.5")
+    g.add_argument("--scale-range", nargs=2, type=float, metavar=("LO", "HI"), help="--data with --crop: before the "
+                   "crop, resize each sample by a factor drawn uniformly from [LO, HI] of its own size (images "
+                   "bilinear, label maps nearest), e.g. 0.5 2.0 as torchvision's segmentation references")
+    g.add_argument("--pad-value", type=int, default=0, metavar="VALUE", help="--crop: the value images are padded "
+                   "with, 0..255 in stored pixel units (the padding comes before the scaling to [0, 1])")
+    add_ignore_index(g)
     g.add_argument("--dataset", metavar="MODULE:FACTORY", help="a callable returning a map-style dataset, for full "
                    "control over the data")
     g.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
@@ -275,7 +297,7 @@ def option_specs(p: argparse.ArgumentParser) -> dict[str, OptionSpec]:
         elif isinstance(a, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             kind = "flag"
         else:
-            kind = "list" if a.nargs in ("+", "*") else "scalar"
+            kind = "list" if a.nargs in ("+", "*") or (isinstance(a.nargs, int) and a.nargs > 1) else "scalar"
         specs[a.dest] = OptionSpec(a.dest, a.option_strings[0], kind, a.type or str,
                                    tuple(a.choices) if a.choices else None)
     return specs
@@ -361,6 +383,7 @@ def _finish(command: str, v: dict) -> None:
             raise ConfigError(f"--{key.replace('_', '-')} needs --{needs}")
     if v["on_bad_file"] != "raise" and not v["data"]:
         raise ConfigError("--on-bad-file applies to --data folders (a --dataset factory chooses its own handling)")
+    _check_augmentation(v)
     if v["modes"] and len(v["modes"]) != len(v["data"]):
         raise ConfigError(f"--modes has {len(v['modes'])} entries for {len(v['data'])} --data folders; give one per "
                           "folder")
@@ -383,6 +406,31 @@ def _finish(command: str, v: dict) -> None:
             v["result_file"] = os.path.join(v["demo_dir"] if v["demo"] else "", "lr_finder", "results.npz")
         if v["resume"] is not None and not os.path.isfile(v["resume"]):
             raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file")
+
+
+def _check_augmentation(v: dict) -> None:
+    """--crop, --hflip, --scale-range, --pad-value: their values and what they need; raises ConfigError."""
+    given = [f"--{k.replace('_', '-')}" for k in AUGMENTATION if v[k] not in (None, False, 0)]
+    if given and not v["data"]:
+        source = "--dataset factory builds its own transforms" if v["dataset"] else "demo's samples are fixed"
+        raise ConfigError(f"{', '.join(given)} augment --data folders, but the {source}; HINT: drop "
+                          f"{', '.join(given)}, or use --data (or add the augmentation to your --dataset factory: "
+                          "pixelz_dist.data.augment.joint_augmentation)")
+    if v["crop"] is not None and (len(v["crop"]) not in (1, 2) or min(v["crop"]) < 1):
+        raise ConfigError(f"--crop takes one size (a square) or height and width, each at least 1; got "
+                          f"{' '.join(map(str, v['crop']))}")
+    if v["scale_range"] is not None:
+        if len(v["scale_range"]) != 2 or not 0 < v["scale_range"][0] <= v["scale_range"][1]:
+            raise ConfigError(f"--scale-range takes LO HI with 0 < LO <= HI (factors of each image's size, e.g. 0.5 "
+                              f"2.0); got {' '.join(f'{x:g}' for x in v['scale_range'])}")
+        if v["crop"] is None:
+            raise ConfigError("--scale-range without --crop would give every sample another size, which a batch "
+                              "cannot hold; HINT: add --crop SIZE (the crop comes after the rescale)")
+    if v["pad_value"] and v["crop"] is None:
+        raise ConfigError("--pad-value is what --crop pads images with; HINT: add --crop SIZE, or drop --pad-value")
+    if not 0 <= v["pad_value"] <= 255:
+        raise ConfigError(f"--pad-value {v['pad_value']} is not a pixel value: 0..255 (8-bit images are padded "
+                          "before they are scaled to [0, 1])")
 
 
 def _finish_train(v: dict) -> None:

@@ -261,6 +261,17 @@ class MultiImgsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
+    @property
+    def crop_aware(self) -> bool:
+        """Whether samples are built by crop-aware decoding: the joint transform's crop is drawn from the images'
+        sizes and only the crop is read (see :mod:`~pixelz_dist.data.crop_plan`); False: whole images are decoded."""
+        return self._planner is not None
+
+    @property
+    def region_decoding(self) -> bool:
+        """Whether crop-aware decoding decodes only the crop of a JPEG (the region decoder is built and agrees)."""
+        return self._regions
+
     def sample_names(self) -> Sequence[str]:
         """One name per sample, by which a snapshot recognises the list it was taken on (see
         :mod:`~pixelz_dist.data.sample_list`): the stem, or with ``match="sorted"`` every folder's file name."""
