@@ -423,14 +423,7 @@ def _finish_train(v: dict) -> None:
     if v["resume"] not in (None, "auto") and not os.path.isfile(v["resume"]):
         raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file (or 'auto' for the newest of "
                           "--snapshot-prefix)")
-    sched = v["scheduler"]
-    if sched == "step" and not v["step_size"]:
-        raise ConfigError("--scheduler step needs --step-size N")
-    if sched == "multistep" and not v["milestones"]:
-        raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
-    if sched == "onecycle":
-        v["schedule_on_iter"] = True
-    if sched == "poly" and not v["poly_power"] > 0:
+    if v["scheduler"] == "poly" and not v["poly_power"] > 0:
         raise ConfigError(f"--poly-power must be > 0, got {v['poly_power']}")
     if v["ema"] is not None and not 0 < v["ema"] < 1:
         raise ConfigError(f"--ema is a decay between 0 and 1 (exclusive, e.g. 0.999), got {v['ema']}")
@@ -438,6 +431,13 @@ def _finish_train(v: dict) -> None:
         raise ConfigError(f"--warmup-iters must be >= 0, got {v['warmup_iters']}")
     if not 0 < v["warmup_factor"] <= 1:
         raise ConfigError(f"--warmup-factor must be in (0, 1], got {v['warmup_factor']}")
+    sched = v["scheduler"]
+    if sched == "step" and not v["step_size"]:
+        raise ConfigError("--scheduler step needs --step-size N")
+    if sched == "multistep" and not v["milestones"]:
+        raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
+    if sched == "onecycle":
+        v["schedule_on_iter"] = True
     if v["tensorboard"]:
         from ..callbacks.tensorboard import check_tensorboard
 
