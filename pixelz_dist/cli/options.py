@@ -428,14 +428,6 @@ def _finish_train(v: dict) -> None:
     if v["resume"] not in (None, "auto") and not os.path.isfile(v["resume"]):
         raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file (or 'auto' for the newest of "
                           "--snapshot-prefix)")
-    if v["scheduler"] == "poly" and not v["poly_power"] > 0:
-        raise ConfigError(f"--poly-power must be > 0, got {v['poly_power']}")
-    if v["ema"] is not None and not 0 < v["ema"] < 1:
-        raise ConfigError(f"--ema is a decay between 0 and 1 (exclusive, e.g. 0.999), got {v['ema']}")
-    if v["warmup_iters"] is not None and v["warmup_iters"] < 0:
-        raise ConfigError(f"--warmup-iters must be >= 0, got {v['warmup_iters']}")
-    if not 0 < v["warmup_factor"] <= 1:
-        raise ConfigError(f"--warmup-factor must be in (0, 1], got {v['warmup_factor']}")
     sched = v["scheduler"]
     if sched == "step" and not v["step_size"]:
         raise ConfigError("--scheduler step needs --step-size N")
@@ -443,6 +435,14 @@ def _finish_train(v: dict) -> None:
         raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
     if sched == "onecycle":
         v["schedule_on_iter"] = True
+    if sched == "poly" and not v["poly_power"] > 0:
+        raise ConfigError(f"--poly-power must be > 0, got {v['poly_power']}")
+    if v["ema"] is not None and not 0 < v["ema"] < 1:
+        raise ConfigError(f"--ema is a decay between 0 and 1 (exclusive, e.g. 0.999), got {v['ema']}")
+    if v["warmup_iters"] is not None and v["warmup_iters"] < 0:
+        raise ConfigError(f"--warmup-iters must be >= 0, got {v['warmup_iters']}")
+    if not 0 < v["warmup_factor"] <= 1:
+        raise ConfigError(f"--warmup-factor must be in (0, 1], got {v['warmup_factor']}")
     if v["tensorboard"]:
         from ..callbacks.tensorboard import check_tensorboard
 
