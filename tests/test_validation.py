@@ -168,6 +168,26 @@ def test_keep_best_needs_a_validation_that_reports_the_monitored_value(tmp_path)
                     callbacks=[Validation(val_set, 3, use_ema=True)])
 
 
+def test_use_ema_validates_the_moving_average_of_the_weights(tmp_path):
+    import inspect
+
+    if "ema" not in inspect.signature(train_model).parameters:
+        pytest.skip("train_model has no ema= here (the EMA branch is not merged)")
+    model = Net()
+    model.drop.p = 0.0
+    train_set, val_set = datasets()
+    ema, live = Validation(val_set, 3, interval=3, num_workers=0, use_ema=True), \
+        Validation(val_set, 3, interval=3, num_workers=0, prefix="live")
+    train_model(model, torch.optim.SGD(model.parameters(), lr=0.05), None, train_set, 4, num_iters=6, ema=0.5,
+                snapshot_prefix=str(tmp_path / "s"), num_workers=0, callbacks=[ema, live])
+    snapshot = load_snapshot(str(tmp_path / "s_iter_6.pt"))
+    for validation, weights in ((ema, snapshot["ema"]["state_dict"]), (live, snapshot["model"])):
+        again = Net()
+        again.load_state_dict(weights)
+        assert validation.last[f"{validation.prefix}_loss"] == evaluate_model(again, val_set, 3, num_workers=0)["loss"]
+    assert ema.last["val_loss"] != live.last["live_loss"]
+
+
 def test_command_line_refuses_validation_options_without_val_data(tmp_path, capsys):
     base = ["--model", "seg_model:SegNet", "--data", str(tmp_path), "--iters", "2"]
     for extra, message in ((["--keep-best", "1"], "--keep-best needs --val-data"),
