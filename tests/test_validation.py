@@ -189,7 +189,7 @@ def test_use_ema_validates_the_moving_average_of_the_weights(tmp_path):
 
 
 def test_command_line_refuses_validation_options_without_val_data(tmp_path, capsys):
-    base = ["--model", "seg_model:SegNet", "--data", str(tmp_path), "--iters", "2"]
+    base = ["--model", "val_model:SegNet", "--data", str(tmp_path), "--iters", "2"]
     for extra, message in ((["--keep-best", "1"], "--keep-best needs --val-data"),
                            (["--val-data", str(tmp_path), str(tmp_path)], "2 folders for 1 --data"),
                            (["--val-data", str(tmp_path), "--use-ema"], "--use-ema validates the moving average")):
@@ -220,7 +220,7 @@ def test_train_command_validates_label_folders_keeps_the_best_miou_snapshot(tmp_
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "pixelz_dist.train", "--model", "seg_model:SegNet", "--data",
+        [sys.executable, "-m", "pixelz_dist.train", "--model", "val_model:SegNet", "--data",
          *label_folders(tmp_path / "train", 8, 0), "--modes", "RGB", "label", "--val-data",
          *label_folders(tmp_path / "val", 5, 1), "--val-miou", "5", "--val-interval", "2", "--val-batch-size", "2",
          "--iters", "6", "--batch-size", "2", "--lr", "0.5", "--workers", "0", "--keep-best", "1", "--keep-last", "1",

@@ -419,7 +419,6 @@ def _finish_train(v: dict) -> None:
     if v["resume"] not in (None, "auto") and not os.path.isfile(v["resume"]):
         raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file (or 'auto' for the newest of "
                           "--snapshot-prefix)")
-    _finish_validation(v)
     sched = v["scheduler"]
     if sched == "step" and not v["step_size"]:
         raise ConfigError("--scheduler step needs --step-size N")
@@ -427,6 +426,7 @@ def _finish_train(v: dict) -> None:
         raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
     if sched == "onecycle":
         v["schedule_on_iter"] = True
+    _finish_validation(v)
     if v["tensorboard"]:
         from ..callbacks.tensorboard import check_tensorboard
 
