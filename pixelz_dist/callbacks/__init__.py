@@ -7,6 +7,7 @@ from .builtin import GradientClipping, NonFiniteGuard, NonFiniteLossError, StopO
 from .plot_curves import PlotCurves
 from .progress_bar import ProgressBar
 from .tensorboard import TensorBoardLogger
+from .validation import Validation
 
 __all__ = ["Callback", "GradientClipping", "NonFiniteGuard", "NonFiniteLossError", "PlotCurves", "ProgressBar",
-           "StopOnLoss", "TensorBoardLogger", "TimeBudget"]
+           "StopOnLoss", "TensorBoardLogger", "TimeBudget", "Validation"]

@@ -69,6 +69,13 @@ class TensorBoardLogger(Callback):
             self.writer.add_scalar(tag, lr, step)
         self.writer.add_scalar("train/epoch", state.epoch_fraction, step)
 
+    def on_validation(self, state, values):
+        """A validation's values (``val_loss`` -> ``val/loss``), at its iteration; rank 0 writes."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key.replace("_", "/", 1), value, state.iteration)
+
     def on_train_end(self, state):
         self.close()
 

@@ -21,7 +21,7 @@ from .file_format import list_snapshots
 logger = logging.getLogger(__name__)
 
 #: Files a run writes beside its snapshots (set aside with them by ``overwrite``).
-RECORDS = ("_metrics.jsonl", "_order.tsv")
+RECORDS = ("_metrics.jsonl", "_order.tsv", "_best.pt")
 
 
 class PrefixLock:

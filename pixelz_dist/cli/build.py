@@ -30,7 +30,8 @@ from ..engine.param_groups import make_param_groups
 from ..errors import ConfigError
 from .imports import call_factory
 
-__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "folder_dataset", "total_iterations"]
+__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "build_validation", "folder_dataset",
+           "total_iterations"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,18 @@ def folder_dataset(opts: Namespace, folders: list[str], *, augment: bool = False
             how = "whole images decoded (no crop)"
         logger.info("augmentation (one draw per sample, all folders): %s; %s", describe(**flags), how)
     return dataset
+
+
+def build_validation(opts: Namespace):
+    """The :class:`~pixelz_dist.callbacks.validation.Validation` of ``--val-data`` (None without it)."""
+    if not opts.val_data:
+        return None
+    from ..callbacks.validation import Validation
+    from ..evaluation.metrics import MeanIoU
+
+    metrics = {"miou": MeanIoU(opts.val_miou, ignore_index=opts.ignore_index)} if opts.val_miou else None
+    return Validation(folder_dataset(opts, opts.val_data), batch_size=opts.val_batch_size or opts.batch_size,
+                      metrics=metrics, interval=opts.val_interval, num_workers=opts.workers, use_ema=opts.use_ema)
 
 
 def place_model(model: nn.Module, device: str) -> torch.device:

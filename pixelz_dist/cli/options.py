@@ -30,7 +30,7 @@ TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE option
 #: The joint augmentation of --data (pixelz_dist.data.augment); the same names in a config file.
 AUGMENTATION = ("crop", "hflip", "scale_range", "pad_value")
 EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")]
-DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir", *AUGMENTATION),
+DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir", *AUGMENTATION, "val_data"),
               "dataset": ("dataset_arg",)}
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle", "poly")
@@ -44,6 +44,13 @@ TRAIN_MODEL_OPTIONS = (
     ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
                                                       "twice per epoch), in iterations with --iters")),
     ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
+    ("--keep-best", "keep_best", dict(type=int, metavar="K", help="also keep the K best snapshots by --monitor "
+                                      "(never removed by --keep-last) and PREFIX_best.pt, the best so far; needs "
+                                      "--val-data")),
+    ("--monitor", "monitor", dict(default="val_loss", metavar="KEY", help="the validation value --keep-best ranks "
+                                  "by: val_loss, or val_<metric> (val_miou with --val-miou)")),
+    ("--monitor-mode", "monitor_mode", dict(choices=("min", "max"), help="whether smaller (min) or larger (max) "
+                                            "--monitor values are better (default: min for a loss, else required)")),
     ("--async-snapshots", "snapshot_async", dict(
         action=argparse.BooleanOptionalAction, default=True,
         help="write periodic snapshots in the background while training goes on (default); --no-async-snapshots: "
@@ -276,6 +283,20 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="draw the training curves to SNAPSHOT_PREFIX_curves.png when training ends (rank 0, when "
                         "matplotlib is installed: the [plot] extra); later: python -m pixelz_dist.plot PREFIX")
 
+    g = p.add_argument_group("validation")
+    g.add_argument("--val-data", nargs="+", metavar="DIR", help="validation folders, one per --data folder in the "
+                   "same order and roles, decoded with the same --modes; every rank evaluates its share, each sample "
+                   "once, and val_loss (and val_miou) go to the log, the metrics file and TensorBoard")
+    g.add_argument("--val-interval", type=int, default=1, metavar="N", help="validate every N epochs, or every N "
+                   "iterations when training by --iters")
+    g.add_argument("--val-batch-size", type=int, metavar="N", help="validation samples per batch and process "
+                   "(default: --batch-size)")
+    g.add_argument("--val-miou", type=int, metavar="CLASSES", help="also measure the mean IoU (val_miou) of "
+                   "CLASSES classes: the model's forward returns {'loss': ..., 'logits': N x CLASSES x H x W} and the "
+                   "last --data folder holds the class-index masks (pixels equal to --ignore-index left out)")
+    g.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="validate the moving average of the weights (needs --ema)")
+
 
 def _add_find_lr(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("learning-rate finder")
@@ -495,10 +516,36 @@ def _finish_train(v: dict) -> None:
         raise ConfigError(f"--warmup-iters must be >= 0, got {v['warmup_iters']}")
     if not 0 < v["warmup_factor"] <= 1:
         raise ConfigError(f"--warmup-factor must be in (0, 1], got {v['warmup_factor']}")
+    _finish_validation(v)
     if v["tensorboard"]:
         from ..callbacks.tensorboard import check_tensorboard
 
         check_tensorboard()
+
+
+def _finish_validation(v: dict) -> None:
+    if not v["val_data"]:
+        for key in ("val_batch_size", "val_miou", "keep_best"):
+            if v[key] is not None:
+                raise ConfigError(f"--{key.replace('_', '-')} needs --val-data (the validation folders)")
+        if v["use_ema"]:
+            raise ConfigError("--use-ema needs --val-data (the validation folders)")
+        return
+    if not v["data"]:
+        raise ConfigError("--val-data pairs with --data (the same roles and --modes); a --dataset factory's run "
+                          "validates through train_model(callbacks=[Validation(...)]) in Python")
+    if len(v["val_data"]) != len(v["data"]):
+        raise ConfigError(f"--val-data has {len(v['val_data'])} folders for {len(v['data'])} --data folders; give one "
+                          "per --data folder, in the same order")
+    for folder in v["val_data"]:
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--val-data folder {folder!r} does not exist" if not os.path.exists(folder) else
+                              f"--val-data {folder!r} is not a folder")
+    for key in ("val_interval", "val_batch_size", "val_miou"):
+        if v[key] is not None and v[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {v[key]}")
+    if v["use_ema"] and v.get("ema") is None:
+        raise ConfigError("--use-ema validates the moving average of the weights: pass --ema DECAY (e.g. 0.999)")
 
 
 def setup_logging() -> None:
