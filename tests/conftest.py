@@ -34,3 +34,15 @@ def run_job(script: str, *args: str, timeout: float = 240) -> subprocess.Complet
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, os.path.join(TESTS, "jobs", script), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Files that take longest (about 1-4 minutes each on 2 cores), started first so that with pytest-xdist (one whole file
+# per worker) no long file begins while the other worker is already idle at the end. Every other file keeps its place.
+LONGEST_FIRST = ("test_distributed.py", "test_failures.py", "test_multinode.py", "test_slurm.py", "test_resume.py",
+                 "test_user_loader.py", "test_listing_once.py", "test_launch.py", "test_async_snapshots.py",
+                 "test_resume_refusals.py", "test_uneven.py", "test_train_cli.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: order in a file kept
