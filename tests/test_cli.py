@@ -224,3 +224,17 @@ def test_device_errors_are_usage_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="sees no CUDA GPU"):
             place_model(model, "cuda")
+
+
+@pytest.mark.parametrize("command", ["train", "find_lr"])
+def test_no_option_is_taken_by_torchruns_own_parser(command):
+    """torchrun parses every option-like argument, those after ``-m pixelz_dist.train`` too: an option of ours that is
+    a prefix of one of torchrun's (``--monitor`` of ``--monitor-interval``) stops torchrun before the trainer starts,
+    or is silently taken as torchrun's."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun = [s for action in get_args_parser()._actions for s in action.option_strings if s.startswith("--")]
+    ours = [s for action in cli.build_parser(command)._actions for s in action.option_strings
+            if s.startswith("--") and s != "--help"]
+    taken = {o: [t for t in torchrun if t.startswith(o)] for o in ours if any(t.startswith(o) for t in torchrun)}
+    assert not taken, taken

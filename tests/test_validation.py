@@ -224,7 +224,7 @@ def test_train_command_validates_label_folders_every_epoch_and_keeps_the_best_mi
          *label_folders(tmp_path / "train", 8, 0), "--modes", "RGB", "label", "--val-data",
          *label_folders(tmp_path / "val", 5, 1), "--val-miou", "5", "--val-interval", "1", "--val-batch-size", "2",
          "--epochs", "3", "--batch-size", "2", "--lr", "0.5", "--workers", "0", "--keep-best", "1", "--keep-last", "1",
-         "--monitor", "val_miou", "--monitor-mode", "max", "--snapshot-prefix", str(prefix), "--no-shuffle"],
+         "--monitor-key", "val_miou", "--monitor-mode", "max", "--snapshot-prefix", str(prefix), "--no-shuffle"],
         cwd=os.path.join(TESTS, "jobs"), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation at iter 4 | epoch 1.00 | val_loss" in proc.stderr

@@ -44,13 +44,14 @@ TRAIN_MODEL_OPTIONS = (
     ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
                                                       "twice per epoch), in iterations with --iters")),
     ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
-    ("--keep-best", "keep_best", dict(type=int, metavar="K", help="also keep the K best snapshots by --monitor "
+    ("--keep-best", "keep_best", dict(type=int, metavar="K", help="also keep the K best snapshots by --monitor-key "
                                       "(never removed by --keep-last) and PREFIX_best.pt, the best so far; needs "
                                       "--val-data")),
-    ("--monitor", "monitor", dict(default="val_loss", metavar="KEY", help="the validation value --keep-best ranks "
-                                  "by: val_loss, or val_<metric> (val_miou with --val-miou)")),
+    # not --monitor: torchrun's parser reads it as an abbreviation of its own --monitor-interval, and stops
+    ("--monitor-key", "monitor", dict(default="val_loss", metavar="KEY", help="the validation value --keep-best "
+                                      "ranks by: val_loss, or val_<metric> (val_miou with --val-miou)")),
     ("--monitor-mode", "monitor_mode", dict(choices=("min", "max"), help="whether smaller (min) or larger (max) "
-                                            "--monitor values are better (default: min for a loss, else required)")),
+                                            "--monitor-key values are better (default: min for a loss, else required)")),
     ("--async-snapshots", "snapshot_async", dict(
         action=argparse.BooleanOptionalAction, default=True,
         help="write periodic snapshots in the background while training goes on (default); --no-async-snapshots: "
