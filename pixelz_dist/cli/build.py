@@ -25,7 +25,7 @@ from ..engine.param_groups import make_param_groups
 from ..errors import ConfigError
 from .imports import call_factory
 
-__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "total_iterations"]
+__all__ = ["build_dataset_and_model", "build_metrics", "build_optimizer", "build_scheduler", "total_iterations"]
 
 
 def _is_dataset(obj) -> bool:
@@ -127,3 +127,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, opts: Namespace, num_sampl
         length = opts.epochs or math.ceil(iters / iterations_per_epoch(num_samples, opts.batch_size, opts.iter_size,
                                                                        world_size))
     return sched.CosineAnnealingLR(optimizer, T_max=max(1, length), eta_min=opts.eta_min)
+
+
+def build_metrics(opts: Namespace) -> dict:
+    """The ``--metric`` objects by name (``miou``: :class:`~pixelz_dist.evaluation.metrics.MeanIoU` over
+    ``--num-classes``, ``--ignore-index``), for ``evaluate_model``."""
+    from ..evaluation.metrics import MeanIoU
+
+    metrics = {}
+    for name in getattr(opts, "metric", None) or ():
+        if name == "miou":
+            metrics["miou"] = MeanIoU(opts.num_classes, ignore_index=opts.ignore_index)
+    return metrics
