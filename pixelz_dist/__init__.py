@@ -25,13 +25,14 @@ from .errors import (
     SnapshotError,
     WorkerDied,
 )
+from .evaluation.evaluate import evaluate_model
 from .lr_finder.multigpu import find_lr_multigpu
 from .lr_finder.result import LRFinderResult
 from .lr_finder.search import find_lr
 
 _moved.install()
 
-__all__ = ["train_model", "train_model_multigpu", "find_lr", "find_lr_multigpu", "LRFinderResult",
+__all__ = ["train_model", "evaluate_model", "train_model_multigpu", "find_lr", "find_lr_multigpu", "LRFinderResult",
            "make_param_groups", "MultiImgsDataset", "fast_img_loader", "set_jpeg_backend",
            "Callback", "TrainState", "compare_order_records", "Preempted", "PREEMPTION_EXIT_CODE",
            "PixelzError", "ConfigError", "DataError", "SnapshotError", "NondeterministicOp", "WorkerDied",

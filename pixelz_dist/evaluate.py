@@ -4,8 +4,7 @@ after it. Thin on purpose: the work is :mod:`pixelz_dist.evaluation.follow`'s.
 Examples::
 
     # every snapshot of the run not yet evaluated, one row each in runs/a/snap_eval.jsonl; again: adds nothing
-    python -m pixelz_dist.evaluate --config runs/a/snap_config.toml --data val/rgb val/mask --metric miou \\
-        --num-classes 21
+    python -m pixelz_dist.evaluate --config runs/a/snap_config.toml --data val/rgb val/mask --val-miou 21
     # on another machine of the same file system, while the run trains: exits 0 once its final snapshot is done
     python -m pixelz_dist.evaluate --config runs/a/snap_config.toml --data val/rgb val/mask --follow --use-ema
     python -m pixelz_dist.train --demo & python -m pixelz_dist.evaluate --demo --follow   # the demo, followed

@@ -38,7 +38,7 @@ logger = logging.getLogger("pixelz_dist.train")  # not __name__: that is "__main
 def main(argv=None) -> int:
     opts = cli.parse("train", argv)
     cli.setup_logging()
-    from .cli.build import build_dataset_and_model, build_optimizer, build_scheduler, place_model
+    from .cli.build import build_dataset_and_model, build_optimizer, build_scheduler, build_validation, place_model
     from .cli.config import ConfigSaver
     from .distributed.env import read_env
     from .engine.train_model import train_model
@@ -56,6 +56,9 @@ def main(argv=None) -> int:
         place_model(model, opts.device)
         optimizer = build_optimizer(model, opts)
         scheduler = build_scheduler(optimizer, opts, len(dataset), env.world_size)
+        validation = build_validation(opts)
+        if validation is not None:  # first: a callback's place names its state in snapshots
+            callbacks.append(validation)
         if opts.tensorboard:
             from .callbacks.tensorboard import TensorBoardLogger
 

@@ -31,7 +31,7 @@ from pixelz_dist.evaluation.follow import EvalRecord, SnapshotFollower
 from pixelz_dist.evaluation.metrics import MeanIoU
 
 JOBS = os.path.join(TESTS, "jobs")
-METRIC = ["--metric", "miou", "--num-classes", "3"]
+METRIC = ["--val-miou", "3"]
 
 
 @pytest.fixture
@@ -218,3 +218,27 @@ def test_follower_beside_a_real_training_run_exits_0_after_the_final_snapshot(tm
         assert all(math.isclose(row[k], want[k], rel_tol=1e-9, abs_tol=1e-12) for k in want), (row, want)
     leftovers = sorted(n for n in os.listdir(tmp_path / "run") if not n.startswith("s_iter_"))
     assert leftovers == ["s.lock", "s_config.toml", "s_eval.jsonl", "s_metrics.jsonl", "s_order.tsv"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "which run to evaluate: pass --snapshot-prefix PREFIX"),
+    (["--snapshot-prefix", "p", "--timeout", "5"], "--timeout is how long --follow waits"),
+    (["--snapshot-prefix", "p", "--val-miou", "0"], "--val-miou must be >= 1"),
+    (["--snapshot-prefix", "p", "--lr", "0.1"], "unrecognized arguments: --lr"),  # nothing is trained
+])
+def test_evaluate_usage_errors(tmp_path, capsys, argv, expected):
+    from pixelz_dist.cli import options as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.parse("evaluate", ["--model", "m:f", "--dataset", "d:f", *argv])
+    assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_evaluate_reads_a_runs_saved_configuration_and_ignores_training_only_keys(tmp_path):
+    from pixelz_dist.cli import options as cli
+
+    cfg = tmp_path / "s_config.toml"
+    cfg.write_text('demo = true\niters = 3\nlr = 0.2\nbatch_size = 4\nsnapshot_prefix = "runs/s"\nkeep_last = 2\n')
+    o = cli.parse("evaluate", ["--config", str(cfg), "--follow", "--batch-size", "16"])
+    assert (o.snapshot_prefix, o.batch_size, o.follow, o.poll_seconds) == ("runs/s", 16, True, 5.0)
+    assert not hasattr(o, "lr") and not hasattr(o, "iters")

@@ -3,7 +3,9 @@
 
 Events, in loop order: ``on_train_start``, ``on_epoch_start``, ``on_after_backward`` (gradients of the whole
 iteration are ready, before ``optimizer.step``), ``on_iteration_end``, ``on_epoch_end``, ``on_snapshot``,
-``on_train_end``. A callback with ``state_dict`` / ``load_state_dict`` is saved in and restored from snapshots.
+``on_train_end``; and ``on_validation(state, values)`` whenever a validation reports its values
+(:meth:`~pixelz_dist.engine.state.TrainState.report_validation`, from ``on_iteration_end`` or ``on_epoch_end``).
+A callback with ``state_dict`` / ``load_state_dict`` is saved in and restored from snapshots.
 
 Built-in behaviours (gradient clipping, stop criteria, the non-finite guard) are callbacks too: see
 :mod:`pixelz_dist.callbacks.builtin`.
@@ -16,7 +18,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 EVENTS = ("on_train_start", "on_epoch_start", "on_after_backward", "on_iteration_end", "on_epoch_end",
-          "on_snapshot", "on_train_end")
+          "on_snapshot", "on_train_end", "on_validation")
 
 
 class Callback:
@@ -45,6 +47,8 @@ class Callback:
     def on_snapshot(self, state, path): ...
 
     def on_train_end(self, state): ...
+
+    def on_validation(self, state, values): ...
 
 
 class CallbackList:

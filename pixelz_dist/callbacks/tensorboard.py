@@ -2,7 +2,8 @@
 
 Every ``every`` iterations all ranks average the last iteration's loss (one collective) and rank 0 writes the
 scalars ``train/loss``, ``train/lr`` (``train/lr/<group name>`` with several param groups) and ``train/epoch``, indexed
-by the iteration.
+by the iteration; a validation's values go in as ``val/loss``, ``val/<metric>`` at the iteration they were
+measured (``on_validation``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ class TensorBoardLogger(Callback):
             tag = "train/lr" if len(groups) == 1 else f"train/lr/{group.get('name', i)}"
             self.writer.add_scalar(tag, lr, step)
         self.writer.add_scalar("train/epoch", state.epoch_fraction, step)
+
+    def on_validation(self, state, values):
+        """A validation's values (``val_loss`` -> ``val/loss``), at its iteration; rank 0 writes."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key.replace("_", "/", 1), value, state.iteration)
 
     def on_train_end(self, state):
         self.close()

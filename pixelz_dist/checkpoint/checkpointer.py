@@ -68,14 +68,18 @@ class Checkpointer:
         meta: extra values for the snapshot's ``meta`` entry.
         group: a process group that carries CPU tensors (None: the default one), for :meth:`wait_durable`.
         on_durable: called with the path on every rank once a snapshot is durable (the ``on_snapshot`` hooks).
+        protect: returns the paths ``keep_last`` must not remove (the best snapshots); asked on rank 0 when a
+            snapshot is submitted.
     """
 
     def __init__(self, prefix: str | None, parts: dict, env: DistEnv, *, keep_last: int | None = None,
-                 meta: dict | None = None, group=None, on_durable: Callable[[str], None] | None = None):
+                 meta: dict | None = None, group=None, on_durable: Callable[[str], None] | None = None,
+                 protect: Callable[[], set[str]] | None = None):
         self.prefix, self.parts, self.env = prefix, dict(parts), env
         self.per_rank = [name for name, part in self.parts.items() if getattr(part, "per_rank", False)]
         self.keep_last, self.meta = keep_last, dict(meta or {})
         self.group, self.on_durable = group, on_durable
+        self.protect = protect
         self.last_path: str | None = None  # the newest durable snapshot (written, or resumed from)
         self.durable_iteration = -1
         self.last_iteration = -1  # the newest snapshot asked for (it may still be being written), or resumed from
@@ -155,7 +159,8 @@ class Checkpointer:
             else:
                 try:  # a snapshot the process waits for is written from the live state (nothing changes it meanwhile)
                     staged = self._staging.stage(snapshot) if not wait else Staged(snapshot, [], [])
-                    self._writing = BackgroundWrite(iteration, path, lambda: self._write(staged, path))
+                    spared = frozenset(self.protect()) if self.protect is not None else frozenset()
+                    self._writing = BackgroundWrite(iteration, path, lambda: self._write(staged, path, spared))
                 except (RuntimeError, OSError, MemoryError) as e:  # no memory for the copy: every rank must hear it
                     error = (f"cannot write snapshot {path}: copying its state to host memory failed "
                              f"({type(e).__name__}: {e}). HINT: free host memory, or pass snapshot_async=False "
@@ -177,7 +182,7 @@ class Checkpointer:
             return self._pending[1], self._pending[0]
         return self.last_path, self.durable_iteration
 
-    def _write(self, staged: Staged, path: str) -> str | None:
+    def _write(self, staged: Staged, path: str, spared: frozenset = frozenset()) -> str | None:
         """Rank 0's write (on the writer's thread); the error message when it failed (the previous snapshots stay as
         they were, and ``keep_last`` removes older ones only once this one is durable)."""
         staged.wait()
@@ -193,7 +198,7 @@ class Checkpointer:
             return (f"cannot write snapshot {path} ({reason}); {last}. HINT: free space on that disk, or choose "
                     "another snapshot_prefix, then resume with load_snapshot_path='auto' (--resume auto).")
         if self.keep_last:
-            prune_snapshots(self.prefix, self.keep_last, keep=path)
+            prune_snapshots(self.prefix, self.keep_last, keep=path, spared=spared)
         logger.info("snapshot written: %s", path)
         return None
 
@@ -255,6 +260,10 @@ class Checkpointer:
         self.last_path, self.durable_iteration = path, iteration
         if self.on_durable is not None:
             self.on_durable(path)
+        if self.keep_last and self.protect is not None and self.env.is_main:
+            # the hooks may have changed which snapshots are spared (a new best pushed one out of the K best):
+            # keep_last applies to it now, not only at the next write
+            prune_snapshots(self.prefix, self.keep_last, keep=path, spared=frozenset(self.protect()))
 
     def _failed(self):
         iteration, path = self._pending

@@ -305,10 +305,13 @@ def _reason(error: SnapshotError, path: str) -> str:
     return text.split(" HINT:")[0].rstrip(". ")
 
 
-def prune_snapshots(prefix: str, keep_last: int, keep: str) -> None:
-    """Delete all but the ``keep_last`` newest snapshots of ``prefix``; ``keep`` (the one just written) never goes."""
+def prune_snapshots(prefix: str, keep_last: int, keep: str, spared=frozenset()) -> None:
+    """Delete all but the ``keep_last`` newest snapshots of ``prefix``; ``keep`` (the one just written) never goes,
+    nor do the absolute paths in ``spared`` (the best snapshots)."""
     others = [path for _, path in list_snapshots(prefix) if os.path.abspath(path) != os.path.abspath(keep)]
     for path in others[max(keep_last - 1, 0):]:
+        if os.path.abspath(path) in spared:
+            continue
         try:
             os.unlink(path)
         except FileNotFoundError:

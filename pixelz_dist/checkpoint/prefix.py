@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 #: Files a run writes beside its snapshots (set aside with them by ``overwrite``); ``_eval.jsonl`` is written by
 #: ``python -m pixelz_dist.evaluate`` beside the run, and names the old run's snapshots.
-RECORDS = ("_metrics.jsonl", "_order.tsv", "_eval.jsonl")
+RECORDS = ("_metrics.jsonl", "_order.tsv", "_best.pt", "_eval.jsonl")
 
 
 class PrefixLock:

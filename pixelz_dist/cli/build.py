@@ -25,7 +25,8 @@ from ..engine.param_groups import make_param_groups
 from ..errors import ConfigError
 from .imports import call_factory
 
-__all__ = ["build_dataset_and_model", "build_metrics", "build_optimizer", "build_scheduler", "total_iterations"]
+__all__ = ["build_dataset_and_model", "build_metrics", "build_optimizer", "build_scheduler", "build_validation",
+           "total_iterations"]
 
 
 def _is_dataset(obj) -> bool:
@@ -53,14 +54,30 @@ def build_dataset_and_model(opts: Namespace):
         dataset = call_factory(opts.dataset, "--dataset", opts.dataset_arg, _is_dataset,
                                "a map-style dataset (with __len__ and __getitem__)")
     else:
-        from torchvision.transforms import v2
-
-        from ..data.multi_images import MultiImgsDataset
-
-        # A joint transform: label folders are masks, which ToDtype(float32) leaves alone (only images are scaled).
-        dataset = MultiImgsDataset(opts.data, v2.ToDtype(torch.float32, scale=True), modes=opts.modes,
-                                   on_error=opts.on_bad_file, cache_dir=opts.cache_dir)
+        dataset = folder_dataset(opts, opts.data)
     return model, dataset
+
+
+def folder_dataset(opts: Namespace, folders: list[str]):
+    """A :class:`MultiImgsDataset` over ``folders`` as ``--data`` builds it (modes, bad files, cache)."""
+    from torchvision.transforms import v2
+
+    from ..data.multi_images import MultiImgsDataset
+
+    # A joint transform: label folders are masks, which ToDtype(float32) leaves alone (only images are scaled).
+    return MultiImgsDataset(folders, v2.ToDtype(torch.float32, scale=True), modes=opts.modes,
+                            on_error=opts.on_bad_file, cache_dir=opts.cache_dir)
+
+
+def build_validation(opts: Namespace):
+    """The :class:`~pixelz_dist.callbacks.validation.Validation` of ``--val-data`` (None without it)."""
+    if not opts.val_data:
+        return None
+    from ..callbacks.validation import Validation
+
+    return Validation(folder_dataset(opts, opts.val_data), batch_size=opts.val_batch_size or opts.batch_size,
+                      metrics=build_metrics(opts) or None, interval=opts.val_interval, num_workers=opts.workers,
+                      use_ema=opts.use_ema)
 
 
 def place_model(model: nn.Module, device: str) -> torch.device:
@@ -130,12 +147,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, opts: Namespace, num_sampl
 
 
 def build_metrics(opts: Namespace) -> dict:
-    """The ``--metric`` objects by name (``miou``: :class:`~pixelz_dist.evaluation.metrics.MeanIoU` over
-    ``--num-classes``, ``--ignore-index``), for ``evaluate_model``."""
+    """The metrics by name, for ``evaluate_model`` (in-loop validation and ``python -m pixelz_dist.evaluate``):
+    ``--val-miou CLASSES`` gives ``miou``, a :class:`~pixelz_dist.evaluation.metrics.MeanIoU` that leaves out the
+    ``--ignore-index`` pixels."""
     from ..evaluation.metrics import MeanIoU
 
-    metrics = {}
-    for name in getattr(opts, "metric", None) or ():
-        if name == "miou":
-            metrics["miou"] = MeanIoU(opts.num_classes, ignore_index=opts.ignore_index)
-    return metrics
+    return {"miou": MeanIoU(opts.val_miou, ignore_index=opts.ignore_index)} if opts.val_miou else {}

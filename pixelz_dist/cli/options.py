@@ -31,7 +31,8 @@ COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz
 META = ("config", "print_config")  # options about the configuration itself, never saved in it
 TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE options; tables in a config file
 EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")]
-DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir"), "dataset": ("dataset_arg",)}
+DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir", "val_data"),
+              "dataset": ("dataset_arg",)}
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")
 
@@ -44,6 +45,13 @@ TRAIN_MODEL_OPTIONS = (
     ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
                                                       "twice per epoch), in iterations with --iters")),
     ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
+    ("--keep-best", "keep_best", dict(type=int, metavar="K", help="also keep the K best snapshots by --monitor "
+                                      "(never removed by --keep-last) and PREFIX_best.pt, the best so far; needs "
+                                      "--val-data")),
+    ("--monitor", "monitor", dict(default="val_loss", metavar="KEY", help="the validation value --keep-best ranks "
+                                  "by: val_loss, or val_<metric> (val_miou with --val-miou)")),
+    ("--monitor-mode", "monitor_mode", dict(choices=("min", "max"), help="whether smaller (min) or larger (max) "
+                                            "--monitor values are better (default: min for a loss, else required)")),
     ("--async-snapshots", "snapshot_async", dict(
         action=argparse.BooleanOptionalAction, default=True,
         help="write periodic snapshots in the background while training goes on (default); --no-async-snapshots: "
@@ -93,7 +101,6 @@ STEP_OPTIONS = (
 
 # the step options that also apply to a forward pass alone (``python -m pixelz_dist.evaluate``)
 EVALUATE_STEP_OPTIONS = ("--amp",)
-METRICS = ("miou",)
 
 
 def error_line(error: BaseException) -> str:
@@ -218,15 +225,22 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poll-seconds", type=float, default=5.0, help="--follow: seconds between looks at the folder")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="--follow: give up (exit code 2) when no new "
                    "snapshot appeared for SECONDS and the final one is not evaluated (default: wait for ever)")
-    g.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=False, help="evaluate the snapshots' "
-                   "EMA weights (a run trained with --ema) instead of the trained ones")
+    _add_measures(p.add_argument_group("what is measured (the loss always; a run's saved configuration gives "
+                                       "its validation's)"), evaluate=True)
 
-    g = p.add_argument_group("metrics (the loss is always measured)")
-    g.add_argument("--metric", nargs="+", choices=METRICS, metavar="NAME", help="also measure these: miou (mean "
-                   "intersection over union of class maps; the model returns {'loss', 'logits'} and the batch's last "
-                   "element is the target)")
-    g.add_argument("--num-classes", type=int, metavar="N", help="miou: the number of classes")
-    g.add_argument("--ignore-index", type=int, default=255, help="miou: the target value of pixels left out")
+
+def _add_measures(g, evaluate: bool) -> None:
+    """The metric and weight options of the in-loop validation (``train``) and of ``evaluate``: one definition, so
+    a run's saved configuration measures beside the run what the run validated."""
+    g.add_argument("--val-miou", type=int, metavar="CLASSES", help="also measure the mean IoU (miou) of CLASSES "
+                   "classes: the model's forward returns {'loss': ..., 'logits': N x CLASSES x H x W} and the last "
+                   "--data folder holds the class-index masks")
+    g.add_argument("--ignore-index", type=int, default=255, help="--val-miou: the mask value of pixels that count "
+                   "for nothing")
+    g.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="evaluate the snapshots' moving average of the weights (a run trained with --ema) instead of "
+                        "its trained weights" if evaluate else "validate the moving average of the weights (needs "
+                   "--ema)")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -252,6 +266,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, **kwargs)
     g.add_argument("--tensorboard", metavar="DIR", help="also log loss and learning rates to TensorBoard in DIR "
                    "(needs the [tensorboard] extra)")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--val-data", nargs="+", metavar="DIR", help="validation folders, one per --data folder in the "
+                   "same order and roles, decoded with the same --modes; every rank evaluates its share, each sample "
+                   "once, and val_loss (and val_miou) go to the log, the metrics file and TensorBoard")
+    g.add_argument("--val-interval", type=int, default=1, metavar="N", help="validate every N epochs, or every N "
+                   "iterations when training by --iters")
+    g.add_argument("--val-batch-size", type=int, metavar="N", help="validation samples per batch and process "
+                   "(default: --batch-size)")
+    _add_measures(g, evaluate=False)
 
 
 def _add_find_lr(p: argparse.ArgumentParser) -> None:
@@ -438,11 +462,8 @@ def _finish_evaluate(v: dict) -> None:
         raise ConfigError("--timeout is how long --follow waits for a new snapshot: pass --follow, or leave it out")
     if v["timeout"] is not None and v["timeout"] <= 0:
         raise ConfigError(f"--timeout must be positive, got {v['timeout']:g}")
-    metrics = v["metric"] or ()
-    if "miou" in metrics and not v["num_classes"]:
-        raise ConfigError("--metric miou needs --num-classes N (the classes of the target maps)")
-    if v["num_classes"] is not None and v["num_classes"] < 1:
-        raise ConfigError(f"--num-classes must be at least 1, got {v['num_classes']}")
+    if v["val_miou"] is not None and v["val_miou"] < 1:
+        raise ConfigError(f"--val-miou must be >= 1, got {v['val_miou']}")
 
 
 def _finish_train(v: dict) -> None:
@@ -466,10 +487,36 @@ def _finish_train(v: dict) -> None:
         raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
     if sched == "onecycle":
         v["schedule_on_iter"] = True
+    _finish_validation(v)
     if v["tensorboard"]:
         from ..callbacks.tensorboard import check_tensorboard
 
         check_tensorboard()
+
+
+def _finish_validation(v: dict) -> None:
+    if not v["val_data"]:
+        for key in ("val_batch_size", "val_miou", "keep_best"):
+            if v[key] is not None:
+                raise ConfigError(f"--{key.replace('_', '-')} needs --val-data (the validation folders)")
+        if v["use_ema"]:
+            raise ConfigError("--use-ema needs --val-data (the validation folders)")
+        return
+    if not v["data"]:
+        raise ConfigError("--val-data pairs with --data (the same roles and --modes); a --dataset factory's run "
+                          "validates through train_model(callbacks=[Validation(...)]) in Python")
+    if len(v["val_data"]) != len(v["data"]):
+        raise ConfigError(f"--val-data has {len(v['val_data'])} folders for {len(v['data'])} --data folders; give one "
+                          "per --data folder, in the same order")
+    for folder in v["val_data"]:
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--val-data folder {folder!r} does not exist" if not os.path.exists(folder) else
+                              f"--val-data {folder!r} is not a folder")
+    for key in ("val_interval", "val_batch_size", "val_miou"):
+        if v[key] is not None and v[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {v[key]}")
+    if v["use_ema"] and v.get("ema") is None:
+        raise ConfigError("--use-ema validates the moving average of the weights: pass --ema DECAY (e.g. 0.999)")
 
 
 def setup_logging() -> None:

@@ -115,7 +115,8 @@ class Engine:
         self.checkpointer = Checkpointer(s.snapshot_prefix, self._parts(), env, keep_last=s.keep_last,
                                          meta={"optimizer": type(optimizer).__name__,
                                                "hyperparameters": self._requested},
-                                         group=self._group, on_durable=self.snapshot_durable)
+                                         group=self._group, on_durable=self.snapshot_durable,
+                                         protect=self.protected_snapshots if self._protectors() else None)
         self._last_losses: list = []
         self.bare_micro_batches = False  # no DDP, no autocast: the micro-batch loop runs without context managers
 
@@ -435,6 +436,13 @@ class Engine:
         for hook in self.callbacks.on_snapshot:
             hook(self.state, path)
 
+    def _protectors(self) -> list:
+        return [cb for cb in self.callbacks.callbacks if callable(getattr(cb, "protected_snapshots", None))]
+
+    def protected_snapshots(self) -> set[str]:
+        """Snapshots that ``keep_last`` must spare: those the callbacks name (the best ones, see keep_best)."""
+        return {path for cb in self._protectors() for path in cb.protected_snapshots()}
+
     def preempt(self):
         """Snapshot (rank 0 writes, all wait), then leave on every rank: with the preemption exit code, or as a
         KeyboardInterrupt after a Ctrl-C."""
@@ -456,6 +464,13 @@ class Engine:
         self.reporter.report(self.progress.iteration, self.total_iterations, self.source.epoch_fraction(),
                              self.optimizer)
         self.flush_files()
+
+    def report_validation(self, values: dict, seconds: float | None = None) -> None:
+        """A validation's values at this iteration: log line and metrics row now, then the on_validation hooks."""
+        self.reporter.report_point(self.progress.iteration, self.source.epoch_fraction(), values, seconds)
+        self.flush_files()
+        for hook in self.callbacks.on_validation:
+            hook(self.state, values)
 
     def flush_files(self) -> None:
         if self.reporter.metrics is not None:

@@ -182,6 +182,23 @@ class Reporter:
             self.metrics.add_json(row)
         m.reset(now)
 
+    def report_point(self, iteration: int, epoch_fraction: float, values: dict, seconds: float | None = None) -> None:
+        """One log line and one metrics row of values measured at ``iteration`` (a validation's), written at once.
+
+        The values are already the same on every rank (reduced by whoever measured them): no collective here. The
+        row carries ``iteration`` and ``epoch`` like the training rows, and only these values, so a reader tells the
+        two kinds apart by their keys (``val_*``)."""
+        row = {"iteration": iteration, "epoch": round(epoch_fraction, 4),
+               **{k: float(v) for k, v in values.items()}}
+        line = (f"validation at iter {iteration} | epoch {row['epoch']:.2f} | "
+                + " | ".join(f"{k} {float(v):.4g}" for k, v in values.items()))
+        if seconds is not None:
+            line += f" | {seconds:.1f} s"
+        flush_rank_logs()
+        logger.info(line)
+        if self.metrics is not None:
+            self.metrics.add_json(row)
+
 
 def gpu_memory_fields(device, warn: bool = True) -> dict:
     """Allocated / reserved / peak memory of ``device`` in MiB; empty (and a warning) when it is not a GPU."""

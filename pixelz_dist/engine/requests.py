@@ -35,6 +35,7 @@ class Requests:
         self.stop_reason: str | None = None
         self.stopping = False  # agreed: the loop ends after this iteration
         self.snapshot = False  # asked on this rank, not yet acted on (or sent)
+        self.snapshot_now = False  # asked on every rank alike at this iteration: no agreement needed
         self.skip_reason: str | None = None  # drop this iteration's step
         self._in_flight = None  # (work, flags) of the exchange started last iteration
         # a snapshot being written in the background: rank 0's news of it (see Checkpointer.status), sent with the
@@ -52,16 +53,20 @@ class Requests:
         if not self.distributed or on_every_rank:
             self.stopping = True
 
-    def request_snapshot(self) -> None:
-        self.snapshot = True
+    def request_snapshot(self, on_every_rank: bool = False) -> None:
+        if on_every_rank:
+            self.snapshot_now = True
+        else:
+            self.snapshot = True
 
     def settle(self) -> tuple[bool, bool]:
         """Once per iteration, on every rank: ``(snapshot now, preempted now)``, and ``stopping`` updated."""
         preempted = self.preemption.received is not None
+        now, self.snapshot_now = self.snapshot_now, False
         if not self.distributed:
             snapshot, self.snapshot = self.snapshot, False
             self.agreed_snapshot_news = self.snapshot_news
-            return snapshot, preempted
+            return snapshot or now, preempted
         local = torch.tensor((self.stop_reason is not None, self.snapshot, preempted, *self.snapshot_news),
                              dtype=torch.int64)
         self.snapshot = False  # sent: it comes back agreed at the next iteration
@@ -72,7 +77,7 @@ class Requests:
             self.stopping = True
             if self.stop_reason is None:
                 self.stop_reason = "requested on another rank"
-        return snapshot, preempted
+        return snapshot or now, preempted
 
     def finish(self) -> tuple[bool, bool, bool]:
         """Wait for the exchange in flight (every rank calls this the same number of times); its agreed flags."""

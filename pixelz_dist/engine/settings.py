@@ -38,6 +38,9 @@ class RunSettings:
     log_prefix: str | None
     collate_fn: Any
     sync_bn: bool = True
+    keep_best: int | None = None
+    monitor: str = "val_loss"
+    monitor_mode: str | None = None
     backend: str | None = None
     dist_timeout: float | None = None
     ddp_kwargs: dict | None = None
@@ -91,6 +94,30 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _check_keep_best(v: dict) -> list[str]:
+    """keep_best / monitor / monitor_mode; fills monitor_mode ("min" for a loss) in ``v``."""
+    problems = []
+    k, monitor, mode = v.get("keep_best"), v.get("monitor", "val_loss"), v.get("monitor_mode")
+    if not isinstance(monitor, str) or not monitor:
+        problems.append(f"monitor must be the name of a validation value such as 'val_loss', got {monitor!r}")
+    if mode not in (None, "min", "max"):
+        problems.append(f"monitor_mode must be 'min', 'max' or None (min for a loss), got {mode!r}")
+    if k is None:
+        return problems
+    if not _is_int(k) or k < 1:
+        problems.append(f"keep_best must be an integer >= 1 (snapshots) or None, got {k!r}")
+    if v.get("snapshot_prefix") is None:
+        problems.append("keep_best keeps the best snapshots, but snapshot_prefix is None, so none is written; set "
+                        "snapshot_prefix")
+    if mode is None and isinstance(monitor, str):
+        if "loss" in monitor:
+            v["monitor_mode"] = "min"
+        else:
+            problems.append(f"monitor={monitor!r} is not a loss: say whether larger is better, monitor_mode='max' "
+                            "(an IoU, an accuracy) or 'min' (an error)")
+    return problems
+
+
 def check_settings(values: dict) -> RunSettings:
     """Validate every argument, collecting all problems into one :class:`ConfigError`."""
     v = values
@@ -122,6 +149,7 @@ def check_settings(values: dict) -> RunSettings:
                             "set snapshot_prefix (e.g. 'runs/exp1/snapshot')")
     if v["keep_last"] is not None and (not _is_int(v["keep_last"]) or v["keep_last"] < 1):
         problems.append(f"keep_last must be an integer >= 1 or None, got {v['keep_last']!r}")
+    problems += _check_keep_best(v)
     if v["load_snapshot_path"] == "auto" and v["snapshot_prefix"] is None:
         problems.append("load_snapshot_path='auto' looks for the newest snapshot of snapshot_prefix, which is None; "
                         "set snapshot_prefix")

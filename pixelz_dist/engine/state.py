@@ -45,6 +45,10 @@ class TrainState:
     epoch_fraction = property(lambda self: self._engine.source.epoch_fraction(),
                               doc="e.g. 2.5 = half way through epoch 3")
     total_iterations = property(lambda self: self._engine.total_iterations)
+    by_epochs = property(lambda self: self._engine.s.num_epochs is not None,
+                         doc="the run's length is in epochs (num_epochs), not in iterations (num_iters)")
+    batch_size = property(lambda self: self._engine.s.batch_size, doc="samples per micro-batch and process")
+    amp = property(lambda self: self._engine.s.amp, doc="the run's mixed precision: None, 'bf16' or 'fp16'")
     model = property(lambda self: self._engine.model, doc="the user's module (unwrapped)")
     wrapped_model = property(lambda self: self._engine.prepared.forward_model,
                              doc="what the loop calls: the DistributedDataParallel wrapper under torchrun")
@@ -86,9 +90,13 @@ class TrainState:
         """
         self._engine.requests.request_stop(reason, on_every_rank)
 
-    def request_snapshot(self) -> None:
-        """Write a snapshot after the current iteration (under torchrun: after the next one)."""
-        self._engine.requests.request_snapshot()
+    def request_snapshot(self, *, on_every_rank: bool = False) -> None:
+        """Write a snapshot after the current iteration (under torchrun: after the next one).
+
+        Pass ``on_every_rank=True`` only when every rank makes this same call at this iteration (a validation that
+        every rank runs): the snapshot then needs no agreement and holds this very iteration everywhere.
+        """
+        self._engine.requests.request_snapshot(on_every_rank)
 
     # -- levers for on_after_backward (gradients of the iteration are ready, the step has not happened) ------------
     def unscale_gradients(self) -> None:
@@ -109,3 +117,11 @@ class TrainState:
         and the ranks. Stays on the device until the line is written. Every rank must log the same names."""
         self._engine.reporter.meter.add_value(name, value if isinstance(value, torch.Tensor)
                                               else torch.tensor(float(value)))
+
+    def report_validation(self, values: dict, *, seconds: float | None = None) -> None:
+        """Report values measured at this iteration (a validation's: ``{"val_loss": 0.41, "val_miou": 0.68}``),
+        each the same on every rank: one log line and one metrics-file row ``{"iteration": N, "epoch": ...,
+        **values}`` written now (point values, not means over a display window), then every callback's
+        ``on_validation(state, values)`` (TensorBoard, the best-snapshot tracker). Every rank calls it alike;
+        ``seconds``: how long the measurement took, for the log line."""
+        self._engine.report_validation(dict(values), seconds)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..callbacks.builtin import GradientClipping, NonFiniteGuard, StopOnLoss, TimeBudget
+from ..checkpoint.best import KeepBest
 from ..distributed.env import process_group
 from ..distributed.log_relay import rank_logging
 from ..errors import ConfigError, DataError
@@ -25,6 +26,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 num_epochs=None, iter_size=1, display_iter=20, snapshot_interval=None, load_snapshot_path=None,
                 restore_dataloader=True, display_gpu=False, schedule_on_iter=False, *, seed=0, num_workers=None,
                 keep_last=None, callbacks=(), strict_load=True, drop_last=False, seed_data=None, log_prefix=None,
+                keep_best=None, monitor="val_loss", monitor_mode=None,
                 collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
                 clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
                 on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
@@ -78,6 +80,13 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         num_workers: DataLoader workers; None = ``min(max(cpus // gpus_per_node, 1), 6)`` with the CPUs this process
             may use.
         keep_last: keep only the K newest snapshots (an older one is removed only once its successor is durable).
+        keep_best: keep the K best snapshots by ``monitor`` too (never removed by ``keep_last``), and
+            ``{snapshot_prefix}_best.pt``, a hard link to (or copy of) the best so far, replaced atomically once the
+            snapshot is durable. Each validation whose value would enter the top K asks for a snapshot of its
+            iteration. Needs a :class:`~pixelz_dist.callbacks.Validation` in ``callbacks`` (``--val-data``).
+        monitor: the validation value that ranks snapshots (``"val_loss"``, ``"val_miou"``, ...): one of the keys a
+            ``Validation`` reports.
+        monitor_mode: ``"min"`` or ``"max"``; None: ``"min"`` for a key containing ``loss``, else required.
         snapshot_async: write periodic snapshots in the background: the state is copied into host memory kept for
             it (pinned on CUDA; about the size of the model and optimizer state, on rank 0), and training goes on
             while it is written. The final, preemption and time-budget snapshots are always written before the run
@@ -157,6 +166,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                         "folders or the filter that built it.")
     values["closure"] = isinstance(optimizer, torch.optim.LBFGS) if closure is None else bool(closure)
     settings: RunSettings = check_settings(values)
+    check_monitor(settings, callbacks)
     check_optimizer_holds(model, optimizer)
     ensure_handler()
     with process_group(backend=backend, timeout_s=dist_timeout) as env, \
@@ -178,7 +188,23 @@ def builtin_callbacks(s) -> list:
         cbs.append(StopOnLoss(threshold=s.stop_loss_below, patience=s.stop_patience, min_delta=s.stop_min_delta))
     if s.time_budget is not None:
         cbs.append(TimeBudget(s.time_budget))
+    if s.keep_best is not None:
+        cbs.append(KeepBest(s.keep_best, s.monitor, s.monitor_mode))
     return cbs
+
+
+def check_monitor(s, callbacks) -> None:
+    """keep_best ranks snapshots by a value that a validation in ``callbacks`` must report."""
+    if s.keep_best is None:
+        return
+    reported = [key for cb in callbacks or () for key in getattr(cb, "validation_keys", ())]
+    if not reported:
+        raise ConfigError(f"keep_best={s.keep_best} ranks snapshots by {s.monitor!r}, a validation value, but no "
+                          "validation runs. HINT: pass callbacks=[Validation(val_dataset, ...)] (on the command line "
+                          "--val-data DIR ...).")
+    if s.monitor not in reported:
+        raise ConfigError(f"monitor={s.monitor!r} is not a value the validation reports ({', '.join(reported)}). "
+                          "HINT: pass one of those as monitor (--monitor), or add the metric to the Validation.")
 
 
 def check_optimizer_holds(model, optimizer) -> None:
