@@ -105,7 +105,7 @@ def test_each_snapshot_once_in_order_equal_to_direct_evaluation_and_nothing_of_t
     assert open(f"{prefix}_eval.jsonl", "rb").read() == text
 
 
-def test_use_ema_without_ema_weights_is_one_error_line(tmp_path, seg, capsys):
+def test_use_ema_evaluates_the_moving_average_and_without_one_is_one_error_line(tmp_path, seg, capsys):
     prefix = str(tmp_path / "s")
     train_in_process([*seg, "--iters", "1", "--snapshot-prefix", prefix])
     capsys.readouterr()
@@ -113,6 +113,19 @@ def test_use_ema_without_ema_weights_is_one_error_line(tmp_path, seg, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "s_iter_1.pt" in err[0] and "no EMA weights" in err[0] and "HINT" in err[0]
     assert not os.path.exists(f"{prefix}_eval.jsonl")
+    # a run with EMA: the EMA rows and the trained weights' rows side by side in one file, each set once
+    prefix = str(tmp_path / "ema")
+    train_in_process([*seg, "--iters", "4", "--snapshot-interval", "2", "--ema", "0.5", "--snapshot-prefix", prefix])
+    for _ in range(2):
+        assert evaluate_in_process(["--config", f"{prefix}_config.toml", *METRIC, "--use-ema"]) == 0
+        assert evaluate_in_process(["--config", f"{prefix}_config.toml", *METRIC]) == 0
+    got = rows(prefix)
+    assert [(r["iteration"], r["ema"]) for r in got] == [(2, True), (4, True), (2, False), (4, False)]
+    folders = seg[seg.index("--data") + 1:seg.index("--modes")]
+    for row in got:
+        want = direct(f"{prefix}_iter_{row['iteration']}.pt", folders, ema=row["ema"])
+        assert {k: row[k] for k in ("loss", "miou")} == want, row
+    assert got[1]["loss"] != got[3]["loss"]  # the average is not the trained weights
 
 
 class Pruner:

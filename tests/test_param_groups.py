@@ -302,3 +302,62 @@ def test_custom_lr_is_applied_by_sgd():
         for name in names(model, group):
             assert grads[name].abs().sum() > 0, name
             torch.testing.assert_close(before[name] - after[name].detach(), lr * grads[name], rtol=1e-5, atol=1e-7)
+
+
+# -- no_decay_norm_bias ----------------------------------------------------------------------------------------------
+class Normed(nn.Module):
+    """Every kind of normalisation layer, a bias-free conv and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+
+def test_no_decay_norm_bias_puts_biases_and_norm_parameters_at_weight_decay_0():
+    model = Normed()
+    groups = make_param_groups(model, None, no_decay_norm_bias=True)
+    assert [(g["name"], g.get("weight_decay")) for g in groups] == [("default", None), ("default.no_decay", 0.0)]
+    assert names(model, groups[0]) == ["conv.weight", "head.weight"]
+    assert names(model, groups[1]) == ["bn.weight", "bn.bias", "gn.weight", "gn.bias", "inorm.weight",
+                                       "inorm.bias", "ln.weight", "ln.bias", "head.bias"]
+    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]  # the rest keep the optimizer's
+
+
+def test_no_decay_norm_bias_splits_each_custom_lr_group_and_keeps_its_lr():
+    model = make_net()
+    custom = {"encoder.block1": 0.05, "head": 0.3}
+    groups = make_param_groups(model, custom, no_decay_norm_bias=True)
+    assert summary(model, groups) == [
+        ("encoder.block1", 0.05, ["encoder.block1.conv.weight"]),
+        ("encoder.block1.no_decay", 0.05, ["encoder.block1.conv.bias", "encoder.block1.norm.weight",
+                                           "encoder.block1.norm.bias"]),
+        ("head", 0.3, ["head.weight"]),
+        ("head.no_decay", 0.3, ["head.bias"]),
+        ("default", None, ["conv1.weight", "conv12.weight", "encoder.block2.conv.weight"]),
+        ("default.no_decay", None, ["conv1.bias", "conv12.bias", "encoder.block2.conv.bias",
+                                    "encoder.block2.norm.weight", "encoder.block2.norm.bias"]),
+    ]
+    opt = torch.optim.SGD(groups, lr=0.01, weight_decay=1e-4)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [
+        (0.05, 1e-4), (0.05, 0.0), (0.3, 1e-4), (0.3, 0.0), (0.01, 1e-4), (0.01, 0.0)]
+    # a step really leaves the no-decay parameters without decay: zero gradients, only decay could move them
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        decayed = name.endswith("weight") and ".norm." not in name
+        assert torch.equal(p, before[name]) != decayed, name
+
+
+def test_no_decay_norm_bias_off_keeps_the_groups_unchanged():
+    model = make_net()
+    custom = {"encoder.block1": 0.05, "*.bias": 0.5}
+    assert summary(model, make_param_groups(model, custom, no_decay_norm_bias=False)) == \
+        summary(model, make_param_groups(model, custom))

@@ -406,4 +406,4 @@ class Checkpointer:
 
 
 #: Parts that snapshots written before they existed lack, and the state that stands for "start fresh".
-ABSENT_MEANS = {"callbacks": {}, "epoch_loss": None, "grad_scaler": None}
+ABSENT_MEANS = {"callbacks": {}, "epoch_loss": None, "grad_scaler": None, "ema": None, "warmup": None}

@@ -8,6 +8,9 @@ A snapshot is a dict of named parts (see :class:`~pixelz_dist.checkpoint.checkpo
     data       the batch source's state: {"kind", "epoch", "position", ...}; for a user's DataLoader, whose place
                in the data is each rank's own, a list of them, one per rank
     epoch_loss {"sum", "count"}      the training loss of the epoch so far, for ReduceLROnPlateau
+    ema        (only with ema=DECAY) {"decay", "include_buffers", "num_updates", "state_dict"}: the moving average
+               of the weights, its state_dict shaped like model's (see pixelz_dist.engine.ema)
+    warmup     None, or during a learning-rate warmup {"base": [the scheduler's lr per group]}
     callbacks  {"<index>:<class>": state}
     rng        [per rank: {"torch", "numpy", "python"[, "cuda"]}]
     per_rank   the names of the parts stored as a list of states in rank order (["data", "rng"] or ["rng"])

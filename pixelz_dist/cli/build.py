@@ -6,7 +6,9 @@ folders: class indices as int64 ``H x W``, never scaled. A batch reaches the mod
 cropping and augmentation belong to a ``--dataset`` factory.
 Schedulers: ``step`` (``--step-size``, ``--gamma``), ``multistep`` (``--milestones``, ``--gamma``), ``cosine``
 (``T_max`` = the run's length in epochs, or in iterations with ``--schedule-on-iter``; ``--eta-min``) and
-``onecycle`` (``max_lr`` = ``--lr``, ``total_steps`` = the run's iterations, always stepped per iteration).
+``onecycle`` (``max_lr`` = ``--lr``, ``total_steps`` = the run's iterations, always stepped per iteration) and
+``poly`` (``PolynomialLR``: ``x (1 - t / T) ** --poly-power``, ``T`` the run's length as for cosine: 0 at its end).
+Warmup (``--warmup-iters``) is train_model's, on top of any of them.
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: nn.Module, opts: Namespace, lr: float | None = None) -> torch.optim.Optimizer:
-    """``--optimizer`` over ``make_param_groups(model, --param-lr)`` at ``lr`` (default ``--lr``)."""
-    groups = make_param_groups(model, opts.param_lr or None)
+    """``--optimizer`` over ``make_param_groups(model, --param-lr, --no-decay-norm-bias)`` at ``lr`` (default
+    ``--lr``)."""
+    groups = make_param_groups(model, opts.param_lr or None,
+                               no_decay_norm_bias=getattr(opts, "no_decay_norm_bias", False))
     lr = opts.lr if lr is None else lr
     if opts.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
@@ -143,6 +147,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, opts: Namespace, num_sampl
     else:
         length = opts.epochs or math.ceil(iters / iterations_per_epoch(num_samples, opts.batch_size, opts.iter_size,
                                                                        world_size))
+    if opts.scheduler == "poly":  # (1 - t / T) ** power: exactly 0 after the run's last step
+        return sched.PolynomialLR(optimizer, total_iters=max(1, length), power=opts.poly_power)
     return sched.CosineAnnealingLR(optimizer, T_max=max(1, length), eta_min=opts.eta_min)
 
 

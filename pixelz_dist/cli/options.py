@@ -34,7 +34,7 @@ EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")
 DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir", "val_data"),
               "dataset": ("dataset_arg",)}
 OPTIMIZERS = ("sgd", "adamw", "adam")
-SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle")
+SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle", "poly")
 
 # train_model keywords that the command line passes through unchanged: (flag, keyword, argparse keywords).
 # One line per option; the training command adds each one and hands its value to train_model.
@@ -84,6 +84,23 @@ TRAIN_MODEL_OPTIONS = (
              "bit-identical; an op without a deterministic implementation is an error naming it")),
     ("--on-nonfinite", "on_nonfinite", dict(choices=("raise", "skip"), help="on a NaN / inf loss: stop with an "
                                             "error naming the iteration, or skip the step (default: no check)")),
+)
+
+# train_model keywords of the schedule and of the weights' moving average, passed through as TRAIN_MODEL_OPTIONS are
+# (their own groups in --help).
+SCHEDULE_OPTIONS = (
+    ("--warmup-iters", "warmup_iters", dict(type=int, metavar="N", help="the first N iterations at a rate rising "
+                                            "linearly from --warmup-factor x the rate to the rate, on top of any "
+                                            "--scheduler (counted in iterations even when it steps per epoch)")),
+    ("--warmup-factor", "warmup_factor", dict(type=float, default=0.001, help="--warmup-iters: the first "
+                                              "iteration's fraction of the rate")),
+)
+EMA_OPTIONS = (
+    ("--ema", "ema", dict(type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
+                          "(e.g. 0.999), updated after every applied step and saved in snapshots (key 'ema')")),
+    ("--ema-buffers", "ema_buffers", dict(choices=("average", "copy"), default="average",
+                                          help="--ema: average floating-point buffers (BatchNorm statistics) like "
+                                               "the weights, or copy the live model's")),
 )
 
 # train_model keywords that both commands pass through (find_lr through its train_kwargs): the finder must measure
@@ -211,6 +228,9 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                    "; the finder keeps the --param-lr ratios to it"))
     g.add_argument("--momentum", type=float, help="sgd only (default 0.9)")
     g.add_argument("--weight-decay", type=float, help="default: the optimizer's (adamw 0.01, else 0)")
+    g.add_argument("--no-decay-norm-bias", action="store_true",  # not BooleanOptionalAction: it reads "--no-" as off
+                   help="no weight decay for biases and normalisation layers' parameters (the rest keep "
+                        "--weight-decay; --param-lr rates still apply)")
     g.add_argument("--param-lr", action="append", metavar="NAME=LR", help="learning rate of the parameters whose "
                    "name, glob pattern or module prefix is NAME (repeatable; see make_param_groups)")
 
@@ -250,14 +270,22 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="none", help="step: x gamma every --step-size; "
-                   "multistep: x gamma at each of --milestones; cosine: down to --eta-min over the run; onecycle: "
+                   "multistep: x gamma at each of --milestones; cosine: down to --eta-min over the run; poly: "
+                   "x (1 - t/T)^--poly-power, to 0 at the run's end; onecycle: "
                    "up to --lr and down, stepped every iteration")
     g.add_argument("--step-size", type=int, help="step: epochs (iterations with --schedule-on-iter) between decays")
     g.add_argument("--milestones", nargs="+", type=int, help="multistep: epochs (or iterations) of the decays")
     g.add_argument("--gamma", type=float, default=0.1, help="step / multistep: the decay factor")
     g.add_argument("--eta-min", type=float, default=0.0, help="cosine: the final learning rate")
+    g.add_argument("--poly-power", type=float, default=0.9, help="poly: the exponent")
     g.add_argument("--schedule-on-iter", action=argparse.BooleanOptionalAction, default=False,
                    help="step the scheduler every iteration instead of every epoch (onecycle always does)")
+    for flag, _, kwargs in SCHEDULE_OPTIONS:
+        g.add_argument(flag, **kwargs)
+
+    g = p.add_argument_group("moving average of the weights")
+    for flag, _, kwargs in EMA_OPTIONS:
+        g.add_argument(flag, **kwargs)
 
     g = p.add_argument_group("snapshots and logging")
     g.add_argument("--resume", metavar="auto|PATH", help="continue from a snapshot file, or 'auto': the newest valid "
@@ -487,6 +515,14 @@ def _finish_train(v: dict) -> None:
         raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
     if sched == "onecycle":
         v["schedule_on_iter"] = True
+    if sched == "poly" and not v["poly_power"] > 0:
+        raise ConfigError(f"--poly-power must be > 0, got {v['poly_power']}")
+    if v["ema"] is not None and not 0 < v["ema"] < 1:
+        raise ConfigError(f"--ema is a decay between 0 and 1 (exclusive, e.g. 0.999), got {v['ema']}")
+    if v["warmup_iters"] is not None and v["warmup_iters"] < 0:
+        raise ConfigError(f"--warmup-iters must be >= 0, got {v['warmup_iters']}")
+    if not 0 < v["warmup_factor"] <= 1:
+        raise ConfigError(f"--warmup-factor must be in (0, 1], got {v['warmup_factor']}")
     _finish_validation(v)
     if v["tensorboard"]:
         from ..callbacks.tensorboard import check_tensorboard

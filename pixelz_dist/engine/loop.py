@@ -8,8 +8,8 @@ Pseudocode of one run::
         (a user's loader under torchrun: the ranks agree on the epoch's end, the first rank out of data ends it)
         for each window of iter_size micro-batches (shorter only at the epoch's end):
             for each micro-batch:  (loss(model(*batch)) / window).backward()    # no_sync() but for the last
-            callbacks.on_after_backward; optimizer.step(); optimizer.zero_grad()
-            iteration += 1; source.advance(window); scheduler per iteration; callbacks.on_iteration_end
+            callbacks.on_after_backward; optimizer.step(); ema.update(model) if applied; optimizer.zero_grad()
+            iteration += 1; source.advance(window); scheduler per iteration; warmup factor; callbacks.on_iteration_end
             at the epoch's end: source.end_epoch(); scheduler per epoch; callbacks.on_epoch_end
             requests settled (under torchrun: agreed over ranks, one iteration late, without blocking), with
                 rank 0's news of a snapshot being written: on_snapshot once durable, or its error raised
@@ -52,6 +52,8 @@ from ..distributed.model_wrapping import prepare_model
 from ..distributed.preemption import Interrupted, Preempted, PreemptionFlag
 from ..errors import DataError, PixelzError
 from ..fileio import AppendFile
+from .ema import EMA
+from .ema import register as register_ema
 from .model_call import call_model, extract_loss
 from .precision import MixedPrecision
 from .report import Reporter, describe_run
@@ -61,6 +63,7 @@ from .settings import RunSettings
 from .state import Progress, TrainState
 from .train_mode import TRAINING, TrainMode
 from .uneven import UnevenEpochs
+from .warmup import Warmup
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,9 @@ class Engine:
         self.env = env = read_env()
         self.distributed = env.is_distributed
         self.train_mode = TrainMode(model)  # records the modes the model arrived in, before any wrapping
+        # the average copies the user's module as it arrived: before SyncBatchNorm conversion (its classes stay the
+        # user's) and before any wrapping; it is then put where the model trains
+        self.ema = EMA(model, s.ema, s.ema_buffers) if s.ema is not None else None
         if self.distributed and not is_initialized():
             raise PixelzError(f"WORLD_SIZE={env.world_size} but no process group exists. HINT: call train_model "
                               "directly (it creates the group), or wrap your code in "
@@ -83,6 +89,8 @@ class Engine:
         self.prepared = prepare_model(model, env, sync_bn=s.sync_bn, channels_last=s.channels_last,
                                       compile=s.compile, ddp_kwargs=s.ddp_kwargs, backend=s.backend)
         self.device = device = self.prepared.device
+        if self.ema is not None:
+            self.ema.to(device, s.channels_last)
         self.comm_device = collective_device(device)
         self.callbacks = CallbackList(callbacks)
         if isinstance(dataset, DataLoader):
@@ -98,7 +106,9 @@ class Engine:
         self.feed = DeviceFeed(device, s.channels_last, ahead=s.prefetch and self.source.read_ahead)
         self.precision = MixedPrecision(s.amp, device)
         self.progress = Progress()
-        self.stepper = SchedulerStepper(scheduler, s.schedule_on_iter, device, self.comm_device)
+        self.warmup = Warmup(optimizer, s.warmup_iters or 0, s.warmup_factor)
+        self.stepper = SchedulerStepper(scheduler, s.schedule_on_iter, device, self.comm_device, self.warmup,
+                                        self.progress)
         self.preemption = PreemptionFlag()
         self._group, self._group_made_here = agreement_group() if self.distributed else (None, False)
         self.requests = Requests(self.preemption, self.distributed, self._group)
@@ -122,9 +132,13 @@ class Engine:
 
     def _parts(self) -> dict:
         """What a snapshot holds, in restore order: the random state last, after everything that might draw."""
-        return {"model": ModelState(self.model, strict=self.s.strict_load),
+        parts = {"model": ModelState(self.model, strict=self.s.strict_load)}
+        if self.ema is not None:  # after the model: a snapshot without an EMA restarts it from the loaded weights
+            parts["ema"] = self.ema
+        return {**parts,
                 "optimizer": OptimizerState(self.optimizer),
                 "scheduler": SchedulerState(self.scheduler),
+                "warmup": self.warmup,
                 "progress": self.progress,
                 "epoch_loss": self.stepper,
                 "grad_scaler": self.precision,
@@ -203,6 +217,8 @@ class Engine:
         if path is None:
             return
         snap = self.checkpointer.load(path, content)
+        self.resume_ema(snap)
+        self.stepper.remove_warmup()  # the call's hyper-parameters apply to the scheduler's rates, not warmed ones
         changes = apply_changes(self.optimizer, self.scheduler, self._requested,
                                 snap.get("meta", {}).get("hyperparameters"))
         if changes:
@@ -218,8 +234,19 @@ class Engine:
         logger.info("resumed from %s: iteration %d, epoch %d, position %d of %s %s", path, self.progress.iteration,
                     source.epoch, source.position, source.epoch_size, source.unit)
 
+    def resume_ema(self, snap: dict) -> None:
+        if self.ema is None:
+            if snap.get("ema") is not None:
+                logger.info("the snapshot holds an EMA of the weights, which this run does not keep (ema=None): "
+                            "ignored")
+        elif snap.get("ema") is None:
+            logger.warning("the snapshot holds no EMA of the weights: the EMA (decay %g) starts from its weights",
+                           self.ema.decay)
+            self.ema.restart_from(self.model)
+
     def train(self):
         s, source = self.s, self.source
+        self.stepper.start()  # the warmup's rate for the next iteration (also after a resume)
         self.schedule.start(source.epoch_fraction())
         logger.info("training %s", describe_run(s, type(self.model).__name__, self.device, self.env.world_size,
                                                 source, self.num_workers, self.iterations_per_epoch()))
@@ -257,6 +284,8 @@ class Engine:
             logger.info("stopped at iteration %d: %s", self.progress.iteration, self.requests.stop_reason)
         for hook in self.callbacks.on_train_end:
             hook(self.state)
+        if self.ema is not None:
+            register_ema(self.model, self.ema)  # ema_model(model) finds it; the return value stays the model
         return self.model
 
     def run_epoch(self) -> None:
@@ -364,7 +393,10 @@ class Engine:
             self.reporter.meter.add_losses(self._last_losses)
             if self.stepper.collects_losses:
                 self.stepper.add_losses(self._last_losses)
-            self.precision.step(self.optimizer)
+            if self.ema is None:
+                self.precision.step(self.optimizer)
+            elif self.precision.step(self.optimizer, report_skip=True):  # fp16 may drop the step: then no update
+                self.ema.update(self.model)
         self.optimizer.zero_grad(set_to_none=True)
 
     def run_closure_iteration(self, batches, window: int) -> None:
@@ -396,6 +428,8 @@ class Engine:
         self.reporter.meter.add_losses(first)
         if self.stepper.collects_losses:
             self.stepper.add_losses(first)
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.optimizer.zero_grad(set_to_none=True)
 
     def end_epoch(self) -> None:

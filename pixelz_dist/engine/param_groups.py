@@ -26,8 +26,10 @@ _MATCHING_HINT = (
 _MAX_LISTED = 5
 
 
-def make_param_groups(model: nn.Module, custom_lr: Mapping[str, float] | None) -> list[dict]:
-    """Build optimizer param groups that give chosen parameters their own learning rate.
+def make_param_groups(model: nn.Module, custom_lr: Mapping[str, float] | None = None, *,
+                      no_decay_norm_bias: bool = False) -> list[dict]:
+    """Build optimizer param groups that give chosen parameters their own learning rate (and, on request, no weight
+    decay to biases and normalisation layers).
 
     Every key of ``custom_lr`` becomes one group ``{"name": key, "lr": lr, "params": [...]}``, in the
     order of ``custom_lr``. All remaining trainable parameters go into a final
@@ -49,10 +51,20 @@ def make_param_groups(model: nn.Module, custom_lr: Mapping[str, float] | None) -
     appear once, under their first name in ``named_parameters()``, and a key matching any of their names
     matches them. Frozen parameters (``requires_grad=False``) are left out of every group.
 
+    With ``no_decay_norm_bias=True`` every group above is split in two: its parameters that are a bias
+    (named ``bias`` or ``*.bias``) or belong to a normalisation layer (BatchNorm, SyncBatchNorm, InstanceNorm,
+    GroupNorm, LayerNorm, LocalResponseNorm, RMSNorm) go into ``{"name": NAME + ".no_decay", "weight_decay":
+    0.0, ...}`` right after it, the others stay in ``NAME`` with the optimizer's weight decay; the lr of
+    ``NAME`` applies to both, and empty halves are left out. Decaying a bias or a norm's scale toward 0
+    only constrains the layer's shift and scale, not its capacity; it hurts more than it regularises, the
+    practice of most reference recipes (timm, torchvision's ``--norm-weight-decay 0``).
+
     Args:
         model: The module whose parameters are grouped.
         custom_lr: Mapping from key to learning rate (a real number ``>= 0``). ``None`` or an empty
             mapping gives a single default group holding every trainable parameter.
+        no_decay_norm_bias: Give biases and normalisation parameters a weight decay of 0 (see above).
+            False (the default) keeps the groups exactly as without it.
 
     Returns:
         A list of param group dicts, ready for any ``torch.optim`` optimizer. The extra ``"name"`` entry
@@ -149,7 +161,31 @@ def make_param_groups(model: nn.Module, custom_lr: Mapping[str, float] | None) -
         groups.append({"name": DEFAULT_GROUP_NAME, "params": rest})
     if not groups:
         raise ConfigError(f"model {type(model).__name__} has no trainable parameters (all are frozen or absent)")
+    if no_decay_norm_bias:
+        groups = _split_no_decay(model, groups, names_of)
     return groups
+
+
+#: Normalisation layers, whose weight and bias get no weight decay with no_decay_norm_bias (BatchNorm*,
+#: SyncBatchNorm and InstanceNorm* all derive from _NormBase).
+NORM_LAYERS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+                                getattr(nn, "RMSNorm", None)) if t is not None)
+NO_DECAY_SUFFIX = ".no_decay"
+
+
+def _split_no_decay(model: nn.Module, groups: list[dict], names_of: dict[int, list[str]]) -> list[dict]:
+    in_norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    out = []
+    for group in groups:
+        no_decay = [p for p in group["params"] if id(p) in in_norm
+                    or any(n == "bias" or n.endswith(".bias") for n in names_of[id(p)])]
+        taken = {id(p) for p in no_decay}
+        decay = [p for p in group["params"] if id(p) not in taken]
+        if decay:
+            out.append({**group, "params": decay})
+        if no_decay:
+            out.append({**group, "name": group["name"] + NO_DECAY_SUFFIX, "params": no_decay, "weight_decay": 0.0})
+    return out
 
 
 def _check_keys_and_lrs(custom_lr: Mapping) -> list[tuple[object, str]]:

@@ -40,14 +40,35 @@ class MixedPrecision:
             self.scaler.unscale_(optimizer)
             self.unscaled = True
 
-    def step(self, optimizer) -> None:
-        """The optimizer step (through the scaler with fp16, which skips it on inf / NaN gradients)."""
+    def step(self, optimizer, report_skip: bool = False) -> bool:
+        """The optimizer step (through the scaler with fp16, which skips it on inf / NaN gradients).
+
+        Returns:
+            Whether the step was applied; with fp16 only known when ``report_skip`` (then the gradients are
+            unscaled here, and the scaler's inf check is read: the same host sync ``scaler.step`` makes anyway,
+            before the step is queued, so no wait for the step itself); True otherwise.
+        """
+        applied = True
         if self.scaler is not None:
+            # fused optimizers (Adam(fused=True)) check for infs in their own kernel, without a sync: read the flags
+            # after their step; the others are unscaled first, as scaler.step would do, and read before it
+            fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+            if report_skip and not fused:
+                self.unscale(optimizer)
+                applied = not self._found_inf(optimizer)
             self.scaler.step(optimizer)
+            if report_skip and fused:
+                applied = not self._found_inf(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
         self.unscaled = False
+        return applied
+
+    def _found_inf(self, optimizer) -> bool:
+        # torch keeps the flags in a private dict until update(); GradScaler.step reads them with .item() alike
+        found = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        return bool(sum(v.item() for v in found.values()))
 
     def skip_step(self) -> None:
         """This step is dropped; a scaler that already unscaled must still be told the step is over."""

@@ -60,6 +60,10 @@ class RunSettings:
     allow_changed_data: bool = False
     deterministic: bool = False
     snapshot_async: bool = True
+    ema: float | None = None
+    ema_buffers: str = "average"
+    warmup_iters: int | None = None
+    warmup_factor: float = 0.001
 
 
 def setting_names() -> frozenset[str]:
@@ -190,8 +194,28 @@ def check_settings(values: dict) -> RunSettings:
         if v.get("amp") == "fp16":
             problems.append("amp='fp16' needs a GradScaler, which does not support closure optimizers (LBFGS); "
                             "use amp='bf16' or None")
+    problems += _check_ema_and_warmup(v)
     if problems:
         raise ConfigError("invalid training arguments:\n  - " + "\n  - ".join(problems))
     if v["num_iters"] is not None and interval is not None:
         interval = int(interval)
     return RunSettings(**{**v, "snapshot_interval": interval})
+
+
+def _check_ema_and_warmup(v: dict) -> list[str]:
+    problems = []
+    decay = v.get("ema")
+    if decay is not None and not (isinstance(decay, numbers.Real) and not isinstance(decay, bool)
+                                  and 0 < decay < 1):
+        problems.append(f"ema must be a decay between 0 and 1 (exclusive, e.g. 0.999) or None, got {decay!r}")
+    if v.get("ema_buffers", "average") not in ("average", "copy"):
+        problems.append(f"ema_buffers must be 'average' (BatchNorm statistics averaged like the weights) or 'copy' "
+                        f"(the live model's), got {v['ema_buffers']!r}")
+    iters = v.get("warmup_iters")
+    if iters is not None and (not _is_int(iters) or iters < 0):
+        problems.append(f"warmup_iters must be an integer >= 0 or None, got {iters!r}")
+    factor = v.get("warmup_factor", 0.001)
+    if not (isinstance(factor, numbers.Real) and not isinstance(factor, bool) and 0 < factor <= 1):
+        problems.append(f"warmup_factor must be a number in (0, 1] (the first iteration's fraction of the rate), "
+                        f"got {factor!r}")
+    return problems

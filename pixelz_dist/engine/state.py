@@ -52,6 +52,9 @@ class TrainState:
     model = property(lambda self: self._engine.model, doc="the user's module (unwrapped)")
     wrapped_model = property(lambda self: self._engine.prepared.forward_model,
                              doc="what the loop calls: the DistributedDataParallel wrapper under torchrun")
+    ema_model = property(lambda self: self._engine.ema.module if self._engine.ema is not None else None,
+                         doc="the moving average of the weights (ema=DECAY): a module of the model's class, in eval "
+                             "mode, on its device; None without EMA")
     optimizer = property(lambda self: self._engine.optimizer)
     scheduler = property(lambda self: self._engine.scheduler)
     loss = property(lambda self: self._engine.last_loss,

@@ -30,8 +30,8 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                 collate_fn=None, sync_bn=True, backend=None, dist_timeout=None, ddp_kwargs=None, clip_grad_norm=None,
                 clip_grad_value=None, stop_loss_below=None, stop_patience=None, stop_min_delta=0.0, time_budget=None,
                 on_nonfinite=None, amp=None, channels_last=False, compile=False, closure=None, prefetch=True,
-                overwrite=False, allow_changed_data=False, deterministic=False, snapshot_async=True,
-                **legacy_kwargs):
+                overwrite=False, allow_changed_data=False, deterministic=False, snapshot_async=True, ema=None,
+                ema_buffers="average", warmup_iters=None, warmup_factor=0.001, **legacy_kwargs):
     """Train ``model`` (whose forward returns its loss) on ``dataset``; resumable to the bit.
 
     An *iteration* is one optimizer step made of ``iter_size`` micro-batches of ``batch_size`` samples (Caffe
@@ -127,6 +127,15 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
             deterministic without benchmark, ``CUBLAS_WORKSPACE_CONFIG``), the process's previous settings restored
             after: what makes a GPU run and its resume bit-identical. An op without a deterministic implementation
             then raises ``NondeterministicOp`` naming it. Not needed on the CPU.
+        ema: keep an exponential moving average of the weights with this decay (in (0, 1), e.g. 0.999), updated
+            after every applied optimizer step (a skipped one leaves it), saved in snapshots under ``"ema"`` and
+            resumed exactly. ``TrainState.ema_model`` during training; after it,
+            ``pixelz_dist.engine.ema.ema_model(model)`` on the returned model. See :mod:`pixelz_dist.engine.ema`.
+        ema_buffers: ``"average"``: floating-point buffers (BatchNorm statistics) are averaged like the weights;
+            ``"copy"``: the EMA uses the live model's buffers.
+        warmup_iters: the first N iterations run at a rate rising linearly from ``warmup_factor`` times the
+            scheduler's (or the optimizer's) rate to the full rate, whatever the scheduler's unit; exact on resume.
+        warmup_factor: the first warmup iteration's fraction of the rate, in (0, 1].
 
     Every step runs in train mode, whatever the model arrived in or a callback did between steps (a validation pass
     that calls ``model.eval()``): the loop calls ``model.train()`` when any module is found in eval mode, with one

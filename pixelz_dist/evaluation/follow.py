@@ -33,6 +33,7 @@ from ..checkpoint.file_format import (
     read_meta,
 )
 from ..checkpoint.parts import check_model_state
+from ..engine.ema import ema_state_dict
 from ..errors import SnapshotError
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,7 @@ def snapshot_weights(snapshot: dict, path: str, use_ema: bool) -> dict:
     """
     if not use_ema:
         return snapshot["model"]
-    ema = snapshot.get("ema")
-    state = ema.get("state_dict") if isinstance(ema, dict) else None
+    state = ema_state_dict(snapshot)
     if state is None:
         raise SnapshotError(f"snapshot {path!r} holds no EMA weights (its run trained without EMA). HINT: evaluate "
                             "without --use-ema, or train with --ema DECAY (train_model(ema=DECAY)).")
