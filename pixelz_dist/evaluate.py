@@ -25,7 +25,7 @@ import sys
 
 from .cli import options as cli
 from .distributed.preemption import INTERRUPT_EXIT_CODE
-from .errors import ConfigError, PixelzError
+from .errors import ConfigError, PixelzError, on_every_rank
 
 logger = logging.getLogger("pixelz_dist.evaluate")  # not __name__: that is "__main__" under python -m
 
@@ -41,9 +41,10 @@ def main(argv=None) -> int:
         logger.info("config: %s", note)
     try:
         if read_env().world_size > 1:
-            raise ConfigError(f"python -m pixelz_dist.evaluate runs as one process, not under torchrun (WORLD_SIZE="
-                              f"{read_env().world_size}): each process would evaluate every snapshot. HINT: start it "
-                              "with python, on one GPU (--device cuda:N).")
+            raise on_every_rank(ConfigError(
+                f"python -m pixelz_dist.evaluate runs as one process, not under torchrun (WORLD_SIZE="
+                f"{read_env().world_size}): every process would evaluate every snapshot and append its rows. HINT: "
+                "start it with python (on one GPU: --device cuda:N)."))
         model, dataset = build_dataset_and_model(opts)
         device = place_model(model, opts.device)
         evaluate = ModelEvaluation(model, dataset, use_ema=opts.use_ema, batch_size=opts.batch_size,

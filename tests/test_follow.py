@@ -255,3 +255,11 @@ def test_evaluate_reads_a_runs_saved_configuration_and_ignores_training_only_key
     o = cli.parse("evaluate", ["--config", str(cfg), "--follow", "--batch-size", "16"])
     assert (o.snapshot_prefix, o.batch_size, o.follow, o.poll_seconds) == ("runs/s", 16, True, 5.0)
     assert not hasattr(o, "lr") and not hasattr(o, "iters")
+
+
+def test_the_follower_refuses_torchrun(tmp_path, seg, monkeypatch, capsys):
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert evaluate_in_process([*seg, "--snapshot-prefix", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "error: python -m pixelz_dist.evaluate runs as one process, not under torchrun (WORLD_SIZE=2)" in err
