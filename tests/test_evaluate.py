@@ -193,7 +193,8 @@ def test_shards_cover_every_sample_once_without_padding():
 def test_two_ranks_count_every_sample_once_and_equal_one_process(tmp_path):
     """7 samples on 2 ranks (3 + 4, batches of 2: uneven shards, short last batches), and 1 sample (rank 0's shard
     empty: it still joins every collective). Both ranks get the one-process values; the indices seen, together, are
-    each sample once."""
+    each sample once. Then the same validation inside train_model (DDP, keep_best): its values, measured at an
+    iteration, are one process's evaluation of that iteration's snapshot, which PREFIX_best.pt names."""
     import json
     import os
     import subprocess
@@ -224,3 +225,20 @@ def test_two_ranks_count_every_sample_once_and_equal_one_process(tmp_path):
             assert record[n]["result"] == pytest.approx(single[n]["result"], rel=1e-6)
             assert record[n]["training"] is True
     assert seen == [[], [0]]  # the 1-sample run: rank 0's shard was empty
+
+    from pixelz_dist.checkpoint.file_format import list_snapshots, load_snapshot
+
+    prefix = tmp_path / "run" / "s"
+    rows = [json.loads(line) for line in open(f"{prefix}_metrics.jsonl")]
+    val = {r["iteration"]: r for r in rows if "val_loss" in r}
+    assert sorted(val) == [2, 4]
+    assert val[2]["val_loss"] < val[4]["val_loss"]  # gradient ascent: the first validation is the best
+    best = 2
+    assert {it for it, _ in list_snapshots(str(prefix))} == {4, best}
+    assert os.path.samefile(f"{prefix}_best.pt", f"{prefix}_iter_{best}.pt")
+    for it in {4, best}:
+        model = eval_job.Segmenter()
+        model.load_state_dict(load_snapshot(f"{prefix}_iter_{it}.pt")["model"])
+        again = evaluate_model(model, eval_job.Masks(7), 2, eval_job.val_metrics(), num_workers=0)
+        assert {f"val_{k}": v for k, v in again.items()} == pytest.approx(
+            {k: v for k, v in val[it].items() if k.startswith("val_")}, rel=1e-6)

@@ -1,7 +1,9 @@
-"""evaluate_model under torchrun (or plain python): a tiny segmenter on 7 samples, and on 1 (an empty shard).
+"""evaluate_model under torchrun (or plain python): a tiny segmenter on 7 samples, and on 1 (an empty shard); then
+train_model with a Validation on 7 samples and keep_best.
 
 Usage: ``eval_job.py OUT_DIR``; each rank writes ``OUT_DIR/rank{RANK}.json`` with its results and the indices it
-evaluated. The test compares them with :func:`evaluate_all` run in one process.
+evaluated. The test compares them with :func:`evaluate_all` run in one process; the training writes its snapshots,
+``s_best.pt`` and ``s_metrics.jsonl`` under ``OUT_DIR/run/``.
 """
 
 import json
@@ -12,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pixelz_dist import evaluate_model
+from pixelz_dist import evaluate_model, train_model
+from pixelz_dist.callbacks import Validation
 from pixelz_dist.evaluation.metrics import MeanIoU
 
 CLASSES = 3
@@ -21,8 +24,8 @@ CLASSES = 3
 class Masks(Dataset):
     """Sample i: a 1 x 4 x 4 image, its class mask (some pixels 255, ignored) and the index i."""
 
-    def __init__(self, n: int):
-        g = torch.Generator().manual_seed(5)
+    def __init__(self, n: int, seed: int = 5):
+        g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(n, 1, 4, 4, generator=g)
         self.masks = torch.randint(0, CLASSES, (n, 4, 4), generator=g)
         self.masks[torch.rand(n, 4, 4, generator=g) < 0.2] = 255
@@ -84,8 +87,25 @@ def evaluate_all() -> dict:
     return out
 
 
+def val_metrics() -> dict:
+    return {"miou": MeanIoU(CLASSES, target_index=1), "acc": pixel_accuracy}
+
+
+def train_with_validation(prefix: str) -> None:
+    """4 iterations of batches of 2 per rank, validated every 2 on 7 samples; the best val_loss snapshot kept.
+
+    Gradient ascent (``maximize=True``): the validation loss rises, so the best snapshot is the first one validated
+    (iteration 2), which only a snapshot of that very iteration can hold (not one agreed an iteration later)."""
+    model = Segmenter()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, maximize=True)
+    train_model(model, optimizer, None, Masks(12, seed=6), 2, num_iters=4, snapshot_prefix=prefix, keep_best=1,
+                keep_last=1, display_iter=2, num_workers=0,
+                callbacks=[Validation(Masks(7), 2, val_metrics(), interval=2, num_workers=0)])
+
+
 if __name__ == "__main__":
     folder = sys.argv[1]
     records = evaluate_all()
     with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump(records, f)
+    train_with_validation(os.path.join(folder, "run", "s"))
