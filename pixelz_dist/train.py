@@ -72,12 +72,12 @@ def main(argv=None) -> int:
                                          "python -m pixelz_dist.train --config THIS_FILE repeats the run"))
         if opts.demo:
             logger.info("demo data in %s (%d samples)", opts.demo_dir, len(dataset))
-        passed = {kw: getattr(opts, flag[2:].replace("-", "_"))
-                  for flag, kw, _ in cli.TRAIN_MODEL_OPTIONS + cli.SCHEDULE_OPTIONS + cli.EMA_OPTIONS}
+        passed = {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in cli.TRAIN_MODEL_OPTIONS}
         train_model(model, optimizer, scheduler, dataset, opts.batch_size, shuffle=opts.shuffle,
                     num_iters=opts.iters, num_epochs=opts.epochs, iter_size=opts.iter_size,
                     load_snapshot_path=opts.resume, schedule_on_iter=opts.schedule_on_iter, seed=opts.seed,
-                    num_workers=opts.workers, callbacks=callbacks, **passed, **cli.step_options(opts))
+                    num_workers=opts.workers, callbacks=callbacks, **passed, **cli.step_options(opts),
+                    **cli.schedule_and_ema_options(opts))
     except PixelzError as e:
         return cli.report_error(e)
     except Interrupted as e:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -203,3 +204,23 @@ def test_decay_must_be_between_0_and_1(bad):
 def test_ema_buffers_must_be_average_or_copy():
     with pytest.raises(ConfigError, match="ema_buffers must be"):
         train(ema=0.9, ema_buffers="mean")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_torchrun_every_rank_keeps_the_average_that_the_snapshot_holds(tmp_path):
+    """2 gloo processes: the EMA tracks the unwrapped module, the same on both ranks, and rank 0 saves it."""
+    from test_distributed import final, torchrun
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = dict(prefix=str(tmp_path / "snap"), num_iters=6, out=str(out),
+               train_kwargs={"ema": 0.9, "warmup_iters": 3})
+    proc = torchrun(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text())["ema"] for r in (0, 1)]
+    snap = final(str(tmp_path / "snap"))
+    flat = [x for t in ema_state_dict(snap).values() for x in t.flatten().tolist()]
+    assert ranks[0] == ranks[1] == flat and flat  # the same floats everywhere
+    assert flat != [x for t in snap["model"].values() for x in t.flatten().tolist()]
+    assert snap["ema"]["num_updates"] == 6 and snap["warmup"] is None

@@ -211,3 +211,25 @@ def test_cli_poly_warmup_ema_resume_at_4_and_7_is_bitwise_identical(tmp_path):
         assert again["ema"]["num_updates"] == 12
         assert {it: lr for it, lr in metrics_lrs(prefix).items() if it > stop} == \
             {it: lr for it, lr in lrs.items() if it > stop}
+
+
+@pytest.mark.parametrize("args,message", [(["--ema", "1"], "--ema is a decay"),
+                                          (["--warmup-iters", "-2"], "--warmup-iters must be >= 0"),
+                                          (["--warmup-iters", "3", "--warmup-factor", "0"], "--warmup-factor must"),
+                                          (["--scheduler", "poly", "--poly-power", "0"], "--poly-power must")])
+def test_cli_refuses_bad_values_before_building_anything(args, message, capsys):
+    from pixelz_dist.cli.options import parse
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse("train", ["--demo", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_passes_the_schedule_and_ema_options_to_train_model():
+    from pixelz_dist.cli.options import parse, schedule_and_ema_options
+
+    opts = parse("train", ["--demo", "--ema", "0.99", "--ema-buffers", "copy", "--warmup-iters", "7",
+                           "--no-decay-norm-bias"])
+    assert schedule_and_ema_options(opts) == {"warmup_iters": 7, "warmup_factor": 0.001, "ema": 0.99,
+                                              "ema_buffers": "copy"}
+    assert opts.no_decay_norm_bias is True and parse("train", ["--demo"]).no_decay_norm_bias is False

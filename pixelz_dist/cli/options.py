@@ -142,6 +142,11 @@ def report_error(error: PixelzError) -> int:
     return error.exit_code
 
 
+def schedule_and_ema_options(opts: argparse.Namespace) -> dict:
+    """The :data:`SCHEDULE_OPTIONS` and :data:`EMA_OPTIONS` as train_model keywords (training only)."""
+    return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in SCHEDULE_OPTIONS + EMA_OPTIONS}
+
+
 def step_options(opts: argparse.Namespace) -> dict:
     """The :data:`STEP_OPTIONS` as train_model keywords."""
     return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in STEP_OPTIONS}

@@ -68,12 +68,13 @@ class EMA:
             conversion or DDP wrapping.
         decay: in (0, 1); the weight of the past at each step (0.999: about the last 1000 steps count).
         buffers: ``"average"`` or ``"copy"`` (see the module docstring).
+        strict: refuse a snapshot's EMA whose keys differ from the model's (as ``strict_load``).
     """
 
-    def __init__(self, model: nn.Module, decay: float, buffers: str = "average"):
+    def __init__(self, model: nn.Module, decay: float, buffers: str = "average", strict: bool = True):
         if buffers not in BUFFER_MODES:
             raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
-        self.decay, self.buffers = float(decay), buffers
+        self.decay, self.buffers, self.strict = float(decay), buffers, strict
         # n_averaged stays on the CPU (device=None): AveragedModel reads it on every update, which would be a host
         # sync per step were it on the GPU. The module copy is moved with to().
         self.averaged = AveragedModel(_frozen_copy(model), multi_avg_fn=_ema_and_copy(self.decay),
@@ -90,9 +91,11 @@ class EMA:
         """Optimizer steps averaged in since the EMA started (from a fresh model or a snapshot)."""
         return int(self.averaged.n_averaged) - 1
 
-    def to(self, device: torch.device, channels_last: bool = False) -> EMA:
-        """Put the copy where the model trains (under torchrun the engine moves the model after the copy)."""
-        self.averaged.module.to(device)
+    def to(self, device: torch.device | None, channels_last: bool = False) -> EMA:
+        """Put the copy where the model trains (under torchrun the engine moves the model after the copy; None:
+        leave it where the model was, a model spread over several devices included)."""
+        if device is not None:
+            self.averaged.module.to(device)
         if channels_last:
             self.averaged.module.to(memory_format=torch.channels_last)
         return self
@@ -121,7 +124,7 @@ class EMA:
             raise SnapshotError("its 'ema' part is not an EMA state (a dict with a 'state_dict'). HINT: resume from "
                                 "a snapshot written by train_model, or start without ema.")
         try:
-            check_model_state(self.module, state["state_dict"], strict=True)
+            check_model_state(self.module, state["state_dict"], strict=self.strict)
         except SnapshotError as e:
             raise SnapshotError(f"its EMA {e}") from None
 
@@ -130,7 +133,7 @@ class EMA:
         weights (:meth:`restart_from`), with a warning."""
         if state is None:
             return
-        self.module.load_state_dict(state["state_dict"])
+        self.module.load_state_dict(state["state_dict"], strict=self.strict)
         self.averaged.n_averaged.fill_(int(state.get("num_updates", 0)) + 1)
         saved_decay, saved_buffers = state.get("decay"), state.get("include_buffers")
         if saved_decay is not None and float(saved_decay) != self.decay:

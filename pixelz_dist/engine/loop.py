@@ -81,7 +81,7 @@ class Engine:
         self.train_mode = TrainMode(model)  # records the modes the model arrived in, before any wrapping
         # the average copies the user's module as it arrived: before SyncBatchNorm conversion (its classes stay the
         # user's) and before any wrapping; it is then put where the model trains
-        self.ema = EMA(model, s.ema, s.ema_buffers) if s.ema is not None else None
+        self.ema = EMA(model, s.ema, s.ema_buffers, strict=s.strict_load) if s.ema is not None else None
         if self.distributed and not is_initialized():
             raise PixelzError(f"WORLD_SIZE={env.world_size} but no process group exists. HINT: call train_model "
                               "directly (it creates the group), or wrap your code in "
@@ -89,8 +89,8 @@ class Engine:
         self.prepared = prepare_model(model, env, sync_bn=s.sync_bn, channels_last=s.channels_last,
                                       compile=s.compile, ddp_kwargs=s.ddp_kwargs, backend=s.backend)
         self.device = device = self.prepared.device
-        if self.ema is not None:
-            self.ema.to(device, s.channels_last)
+        if self.ema is not None:  # placed as prepare_model placed the model (it moves it only under torchrun)
+            self.ema.to(device if self.distributed else None, s.channels_last)
         self.comm_device = collective_device(device)
         self.callbacks = CallbackList(callbacks)
         if isinstance(dataset, DataLoader):
@@ -203,6 +203,7 @@ class Engine:
             return self.train()
         finally:
             self.checkpointer.close()  # a snapshot still being written is finished first
+            self.warmup.remove()  # a run stopped during its warmup leaves the optimizer with the scheduler's rates
             self.prepared.undo()
             self.train_mode.restore()
             # The last reference to the DDP wrapper: it (and its reducer, which holds the process group) must be freed

@@ -10,6 +10,7 @@ hang_rank / hang_at (that rank sleeps for a minute there), timeout (dist_timeout
 y_scale (of the targets), train_kwargs (more train_model keyword arguments), display_iter (default 2),
 count_collectives (record, per iteration, the blocking and the asynchronous torch.distributed.all_reduce calls),
 stop_rank / stop_at / stop_on_every_rank (a callback requests a stop there: on that rank, or on every rank).
+Each rank's record (out/rank<RANK>.json) holds the flat EMA weights (train_kwargs ema=DECAY; [] without).
 """
 
 import gc
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset
 
 from pixelz_dist import Callback, train_model
 from pixelz_dist.cli.demo import DemoDataset, TinySegNet
+from pixelz_dist.engine.ema import ema_model
 
 
 class IndexedData(Dataset):
@@ -146,6 +148,8 @@ def main():
                        "norm_classes": sorted({type(m).__name__ for m in trained.modules()
                                                if "Norm" in type(m).__name__}),
                        "attempt": probe.attempt,
+                       "ema": [x for t in (ema_model(trained) or nn.Module()).state_dict().values()
+                               for x in t.flatten().tolist()],
                        "group_alive_after": torch.distributed.is_initialized(),
                        # no garbage collection first: the wrapper must be gone by reference counting alone
                        "ddp_alive_after": sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())}, f)
