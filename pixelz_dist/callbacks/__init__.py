@@ -1,6 +1,5 @@
 """Callbacks: the :class:`Callback` base and its dispatcher, the built-ins that ``train_model``'s keyword arguments
-switch on (gradient clipping, stop criteria, time budget, non-finite guard), the progress bar, TensorBoard, and
-validation during training."""
+switch on (gradient clipping, stop criteria, time budget, non-finite guard), the progress bar and TensorBoard."""
 
 from .base import Callback
 from .builtin import GradientClipping, NonFiniteGuard, NonFiniteLossError, StopOnLoss, TimeBudget

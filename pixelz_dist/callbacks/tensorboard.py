@@ -2,8 +2,7 @@
 
 Every ``every`` iterations all ranks average the last iteration's loss (one collective) and rank 0 writes the
 scalars ``train/loss``, ``train/lr`` (``train/lr/<group name>`` with several param groups) and ``train/epoch``, indexed
-by the iteration; a validation's values go in as ``val/loss``, ``val/<metric>`` at the iteration they were
-measured (``on_validation``).
+by the iteration.
 """
 
 from __future__ import annotations
