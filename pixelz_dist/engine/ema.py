@@ -145,6 +145,18 @@ class EMA:
                            else "copies", self.buffers)
 
 
+def resume(ema: EMA | None, model: nn.Module, snapshot: dict) -> None:
+    """After a snapshot was loaded into ``model`` (and ``ema``): one without an EMA starts it from its weights (a
+    warning); an EMA this run does not keep (``ema`` None) is ignored (a note)."""
+    if ema is None:
+        if snapshot.get("ema") is not None:
+            logger.info("the snapshot holds an EMA of the weights, which this run does not keep (ema=None): ignored")
+    elif snapshot.get("ema") is None:
+        logger.warning("the snapshot holds no EMA of the weights: the EMA (decay %g) starts from its weights",
+                       ema.decay)
+        ema.restart_from(model)
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy without gradients, in eval mode: the EMA is only ever evaluated or averaged into."""
     grads = {}

@@ -54,6 +54,7 @@ from ..errors import DataError, PixelzError
 from ..fileio import AppendFile
 from .ema import EMA
 from .ema import register as register_ema
+from .ema import resume as resume_ema
 from .model_call import call_model, extract_loss
 from .precision import MixedPrecision
 from .report import Reporter, describe_run
@@ -218,7 +219,7 @@ class Engine:
         if path is None:
             return
         snap = self.checkpointer.load(path, content)
-        self.resume_ema(snap)
+        resume_ema(self.ema, self.model, snap)
         self.stepper.remove_warmup()  # the call's hyper-parameters apply to the scheduler's rates, not warmed ones
         changes = apply_changes(self.optimizer, self.scheduler, self._requested,
                                 snap.get("meta", {}).get("hyperparameters"))
@@ -234,16 +235,6 @@ class Engine:
         source = self.source
         logger.info("resumed from %s: iteration %d, epoch %d, position %d of %s %s", path, self.progress.iteration,
                     source.epoch, source.position, source.epoch_size, source.unit)
-
-    def resume_ema(self, snap: dict) -> None:
-        if self.ema is None:
-            if snap.get("ema") is not None:
-                logger.info("the snapshot holds an EMA of the weights, which this run does not keep (ema=None): "
-                            "ignored")
-        elif snap.get("ema") is None:
-            logger.warning("the snapshot holds no EMA of the weights: the EMA (decay %g) starts from its weights",
-                           self.ema.decay)
-            self.ema.restart_from(self.model)
 
     def train(self):
         s, source = self.s, self.source
