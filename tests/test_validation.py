@@ -215,22 +215,78 @@ def label_folders(root, n, seed):
 
 
 @pytest.mark.slow
-def test_train_command_validates_label_folders_keeps_the_best_miou_snapshot(tmp_path):
+def test_train_command_validates_label_folders_every_epoch_and_keeps_the_best_miou_snapshot(tmp_path):
     prefix = tmp_path / "run" / "s"
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "pixelz_dist.train", "--model", "val_model:SegNet", "--data",
          *label_folders(tmp_path / "train", 8, 0), "--modes", "RGB", "label", "--val-data",
-         *label_folders(tmp_path / "val", 5, 1), "--val-miou", "5", "--val-interval", "2", "--val-batch-size", "2",
-         "--iters", "6", "--batch-size", "2", "--lr", "0.5", "--workers", "0", "--keep-best", "1", "--keep-last", "1",
+         *label_folders(tmp_path / "val", 5, 1), "--val-miou", "5", "--val-interval", "1", "--val-batch-size", "2",
+         "--epochs", "3", "--batch-size", "2", "--lr", "0.5", "--workers", "0", "--keep-best", "1", "--keep-last", "1",
          "--monitor", "val_miou", "--monitor-mode", "max", "--snapshot-prefix", str(prefix), "--no-shuffle"],
         cwd=os.path.join(TESTS, "jobs"), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation at iter 4 | epoch 1.00 | val_loss" in proc.stderr
     rows = val_rows(prefix)
-    assert sorted(rows) == [2, 4, 6]
+    assert sorted(rows) == [4, 8, 12]  # 8 samples in batches of 2: an epoch is 4 iterations, validated at its end
     assert all(0 <= r["val_miou"] <= 1 for r in rows.values())
     best = max(rows, key=lambda it: (rows[it]["val_miou"], -it))
-    assert {it for it, _ in list_snapshots(str(prefix))} == {6, best}
+    assert {it for it, _ in list_snapshots(str(prefix))} == {12, best}
     assert os.path.samefile(f"{prefix}_best.pt", f"{prefix}_iter_{best}.pt")
+
+
+# -- the best-snapshot tracker alone ----------------------------------------------------------------------------------
+class FakeState:
+    """What KeepBest reads of the run, and the snapshot requests it makes."""
+
+    def __init__(self, prefix):
+        self.snapshot_prefix, self.iteration, self.last_snapshot_iteration = prefix, 0, -1
+        self.requests = []
+
+    def request_snapshot(self, *, on_every_rank=False):
+        self.requests.append((self.iteration, on_every_rank))
+
+
+def test_keep_best_ranks_by_mode_skips_nan_and_links_best_pt_with_a_copy_where_links_fail(tmp_path, monkeypatch):
+    from pixelz_dist.checkpoint.best import KeepBest
+
+    prefix = str(tmp_path / "s")
+    state = FakeState(prefix)
+    keep = KeepBest(2, "val_miou", "max")
+    keep.on_train_start(state)
+
+    def validated(iteration, value, durable=True):
+        state.iteration = iteration
+        keep.on_validation(state, {"val_loss": 1.0, "val_miou": value})
+        if durable:
+            (tmp_path / f"s_iter_{iteration}.pt").write_bytes(b"weights of %d" % iteration)
+            state.last_snapshot_iteration = iteration
+            keep.on_snapshot(state, f"{prefix}_iter_{iteration}.pt")
+
+    validated(1, 0.5)
+    validated(2, float("nan"))  # never a best one, no snapshot asked for it
+    validated(3, 0.7)
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
+    validated(4, 0.6)  # enters the top 2 (0.7, 0.6), pushes 0.5 out
+    validated(5, 0.6)  # a tie with 4: the earlier stays, no snapshot asked
+    assert state.requests == [(1, True), (3, True), (4, True)]
+    assert keep.best == [(0.7, 3), (0.6, 4)]
+    assert keep.protected_snapshots() == {str(tmp_path / "s_iter_3.pt"), str(tmp_path / "s_iter_4.pt")}
+    assert (tmp_path / "s_best.pt").read_bytes() == b"weights of 3"
+    validated(6, 0.9)  # a new best while hard links fail: a copy, renamed into place
+    assert (tmp_path / "s_best.pt").read_bytes() == b"weights of 6"
+    assert not os.path.samefile(tmp_path / "s_best.pt", tmp_path / "s_iter_6.pt")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    # a resume from the snapshot of a value still pending counts it; other pending values are dropped
+    state.iteration = 7
+    keep.on_validation(state, {"val_miou": 0.95})
+    saved = keep.state_dict()
+    again = KeepBest(2, "val_miou", "max")
+    again.load_state_dict(saved)
+    state.last_snapshot_iteration = 7
+    (tmp_path / "s_iter_7.pt").write_bytes(b"weights of 7")
+    monkeypatch.undo()
+    again.on_train_start(state)
+    assert again.best == [(0.95, 7), (0.9, 6)] and again.pending == {}
+    assert os.path.samefile(tmp_path / "s_best.pt", tmp_path / "s_iter_7.pt")

@@ -175,6 +175,7 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
                         "folders or the filter that built it.")
     values["closure"] = isinstance(optimizer, torch.optim.LBFGS) if closure is None else bool(closure)
     settings: RunSettings = check_settings(values)
+    callbacks = list(callbacks or ())
     check_monitor(settings, callbacks)
     check_optimizer_holds(model, optimizer)
     ensure_handler()
@@ -206,7 +207,7 @@ def check_monitor(s, callbacks) -> None:
     """keep_best ranks snapshots by a value that a validation in ``callbacks`` must report."""
     if s.keep_best is None:
         return
-    reported = [key for cb in callbacks or () for key in getattr(cb, "validation_keys", ())]
+    reported = [key for cb in callbacks for key in getattr(cb, "validation_keys", ())]
     if not reported:
         raise ConfigError(f"keep_best={s.keep_best} ranks snapshots by {s.monitor!r}, a validation value, but no "
                           "validation runs. HINT: pass callbacks=[Validation(val_dataset, ...)] (on the command line "

@@ -17,6 +17,7 @@ import numbers
 from collections.abc import Mapping
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..data.collate import NamedCollate
@@ -51,8 +52,9 @@ def evaluate_model(model, dataset, batch_size, metrics=None, num_workers=None, *
 
     Args:
         model: an ``nn.Module`` whose forward takes a batch like ``train_model``'s and returns the loss (a scalar
-            tensor, or a dict with ``"loss"`` and outputs such as ``"logits"`` for the metrics). The plain module,
-            not its DistributedDataParallel wrapper. Every module's train / eval mode is put back afterwards.
+            tensor, or a dict with ``"loss"`` and outputs such as ``"logits"`` for the metrics). A
+            DistributedDataParallel wrapper is unwrapped (its forward may broadcast buffers, a collective that ranks
+            with different numbers of batches would not all reach). Every module's mode is put back afterwards.
         dataset: a map-style dataset (``__len__`` and ``__getitem__``).
         batch_size: samples per batch and process.
         metrics: ``{name: metric}`` (or a list, named by each metric's ``name`` attribute, else its class or function
@@ -80,6 +82,8 @@ def evaluate_model(model, dataset, batch_size, metrics=None, num_workers=None, *
         {'loss': 0.412, 'miou': 0.687}
     """
     named = check_arguments(dataset, batch_size, metrics, num_workers, amp)
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     with process_group() as env:
         device = torch.device(device) if device is not None else model_device(model)
         batches = batch_indices(shard_range(len(dataset), env.rank, env.world_size), batch_size)
