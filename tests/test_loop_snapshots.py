@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from engine_helpers import (
     snapshot_iters,
 )
 from pixelz_dist import SnapshotError, train_model
+from pixelz_dist.callbacks import Callback
+from pixelz_dist.distributed.preemption import Preempted
 
 
 def after_resume(rows: list) -> list[dict]:
@@ -341,3 +344,58 @@ def test_strict_load_lists_missing_keys_and_can_be_relaxed(tmp_path):
     model, opt = quick(model=WithBuffer(), num_iters=2, load_snapshot_path=f"{prefix}_iter_2.pt", strict_load=False)
     assert opt.steps == 0  # already at iteration 2
     assert torch.equal(model.lin.weight, src.lin.weight)
+
+
+# -- the final snapshot's mark (meta["final"]) -------------------------------------------------------------------------
+
+class Signal(Callback):
+    """Sends this process ``signum`` after ``at`` iterations (as a scheduler would: the loop snapshots, then exits);
+    requests a stop instead with ``signum=None``. Records the snapshots announced."""
+
+    def __init__(self, at: int, signum=signal.SIGTERM):
+        self.at, self.signum, self.snapshots = at, signum, []
+
+    def on_iteration_end(self, state):
+        if state.iteration == self.at:
+            if self.signum is None:
+                state.request_stop("enough")
+            else:
+                os.kill(os.getpid(), self.signum)
+
+    def on_snapshot(self, state, path):
+        self.snapshots.append(os.path.basename(path))
+
+
+def finals(prefix) -> dict[int, bool]:
+    return {it: load_snap(prefix, it)["meta"]["final"] for it in snapshot_iters(prefix)}
+
+
+def test_only_the_snapshot_that_ends_the_run_is_final(tmp_path):
+    """By iterations and by epochs, ending between periodic snapshots or on one (then written once, final), and
+    stopped by a callback's request."""
+    quick(num_iters=7, snapshot_interval=3, snapshot_prefix=str(tmp_path / "a"))
+    assert finals(tmp_path / "a") == {3: False, 6: False, 7: True}
+    seen = Signal(at=99)
+    quick(num_iters=6, snapshot_interval=3, snapshot_prefix=str(tmp_path / "b"), callbacks=[seen])
+    assert finals(tmp_path / "b") == {3: False, 6: True} and seen.snapshots == ["b_iter_3.pt", "b_iter_6.pt"]
+    quick(num_epochs=2, snapshot_interval=1, snapshot_prefix=str(tmp_path / "c"))
+    assert finals(tmp_path / "c") == {5: False, 10: True}
+    quick(num_iters=10, snapshot_interval=2, snapshot_prefix=str(tmp_path / "d"), callbacks=[Signal(3, None)])
+    assert finals(tmp_path / "d") == {2: False, 3: True}
+
+
+def test_a_preemption_snapshot_is_not_final_and_the_resumed_run_ends_with_one(tmp_path):
+    prefix = str(tmp_path / "snap")
+    with pytest.raises(Preempted):
+        quick(num_iters=6, snapshot_interval=4, snapshot_prefix=prefix, callbacks=[Signal(2)])
+    assert finals(prefix) == {2: False}
+    quick(num_iters=6, snapshot_interval=4, snapshot_prefix=prefix, load_snapshot_path="auto")
+    assert finals(prefix) == {2: False, 4: False, 6: True}
+    # preempted at its last iteration: the resumed run trains nothing, and rewrites that snapshot as the final one
+    other = str(tmp_path / "last")
+    with pytest.raises(Preempted):
+        quick(num_iters=3, snapshot_prefix=other, callbacks=[Signal(3)])
+    assert finals(other) == {3: False}
+    model, opt = quick(num_iters=3, snapshot_prefix=other, load_snapshot_path="auto")
+    assert opt.steps == 0 and finals(other) == {3: True}
+    assert torch.equal(load_snap(other, 3)["model"]["lin.weight"], model.lin.weight)

@@ -42,6 +42,7 @@ from .file_format import (
     FORMAT_VERSION,
     NoLoadableSnapshot,
     find_latest_valid,
+    is_final,
     load_snapshot,
     prune_snapshots,
     save_snapshot,
@@ -82,6 +83,7 @@ class Checkpointer:
         self.last_path: str | None = None  # the newest durable snapshot (written, or resumed from)
         self.durable_iteration = -1
         self.last_iteration = -1  # the newest snapshot asked for (it may still be being written), or resumed from
+        self.last_final = False  # whether that snapshot says it ends the run (meta["final"])
         self.last_seconds: float | None = None  # from the request of the last durable snapshot to its durability
         self._submitted = 0.0
         self._pending: tuple[int, str] | None = None  # the snapshot being written, on every rank
@@ -122,8 +124,11 @@ class Checkpointer:
             self._lock = None
 
     # -- writing ---------------------------------------------------------------------------------------------------
-    def save(self, iteration: int, wait: bool = True) -> str:
+    def save(self, iteration: int, wait: bool = True, final: bool = False) -> str:
         """Write the snapshot of ``iteration``; every rank calls it (rank 0 writes).
+
+        ``final``: the snapshot ends a completed run; its ``meta["final"]`` says so (every other snapshot's says
+        False), so a reader beside the run (``python -m pixelz_dist.evaluate --follow``) knows that no other follows.
 
         ``wait=False`` (a periodic snapshot): rank 0 copies the state into reused host memory (see
         :mod:`~pixelz_dist.checkpoint.staging`) and writes it on a thread while training goes on; the ranks learn
@@ -146,7 +151,7 @@ class Checkpointer:
             for name, part in self.parts.items():
                 snapshot[name] = [own[name] for own in ranks] if name in self.per_rank else part.state_dict()
             snapshot["meta"] = {"pixelz_dist": __version__, "torch": str(torch.__version__), "time": time.time(),
-                                **self.meta}
+                                **self.meta, "final": bool(final)}
             try:
                 snapshot = make_loadable(snapshot)  # what is written must load back under weights_only
             except SnapshotError as e:
@@ -164,7 +169,7 @@ class Checkpointer:
         if error is not None:
             raise on_every_rank(SnapshotError(error))
         self._pending, self._submitted = (iteration, path), started
-        self.last_iteration = iteration
+        self.last_iteration, self.last_final = iteration, bool(final)
         if wait:
             self.wait_durable()
         return path
@@ -351,6 +356,7 @@ class Checkpointer:
         self._agree(error)
         self.last_path = path
         self.last_iteration = self.durable_iteration = int(snap["progress"]["iteration"])
+        self.last_final = is_final(snap)
         if self.env.is_main and self.prefix:
             moved = set_aside_newer(self.prefix, self.last_iteration)
             if moved:

@@ -14,7 +14,8 @@ A snapshot is a dict of named parts (see :class:`~pixelz_dist.checkpoint.checkpo
     callbacks  {"<index>:<class>": state}
     rng        [per rank: {"torch", "numpy", "python"[, "cuda"]}]
     per_rank   the names of the parts stored as a list of states in rank order (["data", "rng"] or ["rng"])
-    meta       {"pixelz_dist", "torch", "time", "optimizer"}
+    meta       {"pixelz_dist", "torch", "time", "optimizer", "hyperparameters", "final"}; ``final`` is True only on
+               the snapshot that ends a completed run (absent in older snapshots: not final), see :func:`is_final`
 
 Version 2 named no ``per_rank``: only ``rng`` was one state per rank, and ``data`` was rank 0's alone, also for a
 user's DataLoader. Version 1 (pixelz_dist 0.1.0, the flat layout) kept the epoch and the position in ``progress``
@@ -230,6 +231,32 @@ def _upgrade_from_2(snap: dict) -> dict:
         snap["per_rank"] = ["data", "rng"]
     snap["format_version"] = 3
     return snap
+
+
+def is_final(snapshot: dict) -> bool:
+    """Whether ``snapshot`` ends a completed run (``meta["final"]``; a snapshot written before the key existed is
+    not final)."""
+    meta = snapshot.get("meta")
+    return bool(meta.get("final", False)) if isinstance(meta, dict) else False
+
+
+def read_meta(path: str) -> dict:
+    """The ``meta`` entry of the snapshot at ``path``, without reading its tensors (memory-mapped: only the few kB
+    of the pickle are read), for a reader that only asks what a snapshot is.
+
+    Raises:
+        SnapshotError: the file is missing, unreadable or not a snapshot.
+    """
+    try:
+        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError as e:
+        raise SnapshotError(f"snapshot {path!r} disappeared while it was read (removed by another process?)") from e
+    except Exception as e:  # truncated, not a zip, pickled code: not a snapshot this reader can use
+        raise SnapshotError(f"snapshot {path!r} is unreadable ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(snap, dict):
+        raise SnapshotError(f"{path!r} holds a {type(snap).__name__}, not a pixelz_dist snapshot (a dict).")
+    meta = snap.get("meta")
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 def find_latest_valid(prefix: str) -> tuple[str, dict] | None:

@@ -20,8 +20,9 @@ from .file_format import list_snapshots
 
 logger = logging.getLogger(__name__)
 
-#: Files a run writes beside its snapshots (set aside with them by ``overwrite``).
-RECORDS = ("_metrics.jsonl", "_order.tsv", "_best.pt")
+#: Files a run writes beside its snapshots (set aside with them by ``overwrite``); ``_eval.jsonl`` is written by
+#: ``python -m pixelz_dist.evaluate`` beside the run, and names the old run's snapshots.
+RECORDS = ("_metrics.jsonl", "_order.tsv", "_best.pt", "_eval.jsonl")
 
 
 class PrefixLock:

@@ -30,8 +30,8 @@ from ..engine.param_groups import make_param_groups
 from ..errors import ConfigError
 from .imports import call_factory
 
-__all__ = ["build_dataset_and_model", "build_optimizer", "build_scheduler", "build_validation", "folder_dataset",
-           "total_iterations"]
+__all__ = ["build_dataset_and_model", "build_metrics", "build_optimizer", "build_scheduler", "build_validation",
+           "folder_dataset", "total_iterations"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +104,10 @@ def build_validation(opts: Namespace):
     if not opts.val_data:
         return None
     from ..callbacks.validation import Validation
-    from ..evaluation.metrics import MeanIoU
 
-    metrics = {"miou": MeanIoU(opts.val_miou, ignore_index=opts.ignore_index)} if opts.val_miou else None
     return Validation(folder_dataset(opts, opts.val_data), batch_size=opts.val_batch_size or opts.batch_size,
-                      metrics=metrics, interval=opts.val_interval, num_workers=opts.workers, use_ema=opts.use_ema)
+                      metrics=build_metrics(opts) or None, interval=opts.val_interval, num_workers=opts.workers,
+                      use_ema=opts.use_ema)
 
 
 def place_model(model: nn.Module, device: str) -> torch.device:
@@ -179,3 +178,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, opts: Namespace, num_sampl
     if opts.scheduler == "poly":  # (1 - t / T) ** power: exactly 0 after the run's last step
         return sched.PolynomialLR(optimizer, total_iters=max(1, length), power=opts.poly_power)
     return sched.CosineAnnealingLR(optimizer, T_max=max(1, length), eta_min=opts.eta_min)
+
+
+def build_metrics(opts: Namespace) -> dict:
+    """The metrics by name, for ``evaluate_model`` (in-loop validation and ``python -m pixelz_dist.evaluate``):
+    ``--val-miou CLASSES`` gives ``miou``, a :class:`~pixelz_dist.evaluation.metrics.MeanIoU` that leaves out the
+    ``--ignore-index`` pixels."""
+    from ..evaluation.metrics import MeanIoU
+
+    return {"miou": MeanIoU(opts.val_miou, ignore_index=opts.ignore_index)} if opts.val_miou else {}

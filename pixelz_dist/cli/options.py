@@ -1,6 +1,8 @@
-"""Command-line options shared by ``python -m pixelz_dist.train`` and ``python -m pixelz_dist.find_lr``.
+"""Command-line options shared by ``python -m pixelz_dist.train``, ``python -m pixelz_dist.find_lr`` and
+``python -m pixelz_dist.evaluate``.
 
-One definition of the model / data / optimizer options, so the finder measures exactly what training will run.
+One definition of the model / data / optimizer options, so the finder measures exactly what training will run and
+the evaluation builds the model and data training built (``--config RUN_config.toml`` gives it them).
 :func:`parse` turns ``argv`` (and the ``--config`` file it names) into the resolved options: the command line
 overrides the file, the file overrides the defaults (see :mod:`pixelz_dist.cli.config` for the rules). Every usage
 error is one line ``error: ...`` on stderr and exit code 2.
@@ -24,7 +26,8 @@ from ..log import ensure_handler, logger
 from .config import OptionSpec, check_table, load_toml, merge
 from .imports import parse_assignments
 
-COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz_dist.find_lr"}
+COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz_dist.find_lr",
+            "evaluate": "python -m pixelz_dist.evaluate"}
 META = ("config", "print_config")  # options about the configuration itself, never saved in it
 TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE options; tables in a config file
 #: The joint augmentation of --data (pixelz_dist.data.augment); the same names in a config file.
@@ -51,7 +54,8 @@ TRAIN_MODEL_OPTIONS = (
     ("--monitor-key", "monitor", dict(default="val_loss", metavar="KEY", help="the validation value --keep-best "
                                       "ranks by: val_loss, or val_<metric> (val_miou with --val-miou)")),
     ("--monitor-mode", "monitor_mode", dict(choices=("min", "max"), help="whether smaller (min) or larger (max) "
-                                            "--monitor-key values are better (default: min for a loss, else required)")),
+                                            "--monitor-key values are better (default: min for a loss, else "
+                                            "required)")),
     ("--async-snapshots", "snapshot_async", dict(
         action=argparse.BooleanOptionalAction, default=True,
         help="write periodic snapshots in the background while training goes on (default); --no-async-snapshots: "
@@ -114,6 +118,10 @@ STEP_OPTIONS = (
     ("--clip-grad-norm", "clip_grad_norm", dict(type=float, metavar="MAX", help="clip the gradients' total norm")),
     ("--clip-grad-value", "clip_grad_value", dict(type=float, metavar="MAX", help="clamp each gradient element")),
 )
+
+
+# the step options that also apply to a forward pass alone (``python -m pixelz_dist.evaluate``)
+EVALUATE_STEP_OPTIONS = ("--amp",)
 
 
 def error_line(error: BaseException) -> str:
@@ -179,7 +187,9 @@ def add_ignore_index(group) -> None:
 
 
 # -- the options -----------------------------------------------------------------------------------------------------
-def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
+    """The options every command has; ``evaluate`` trains nothing, so it has no optimizer, step or order options."""
+    train, evaluate = command == "train", command == "evaluate"
     g = p.add_argument_group("configuration")
     g.add_argument("--config", metavar="TOML", help="read options from this TOML file (keys: the long option names "
                    "with '_' for '-'); options on the command line override it")
@@ -224,8 +234,10 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
                    help="keyword argument for the dataset factory (repeatable)")
     g.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch and process")
-    g.add_argument("--iter-size", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="a new order each epoch")
+    if not evaluate:
+        g.add_argument("--iter-size", type=int, default=1, help="micro-batches per optimizer step")
+        g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                       help="a new order each epoch")
     g.add_argument("--seed", type=int, default=0, help="data order, augmentation and the demo's initial weights")
     g.add_argument("--workers", type=int, help="DataLoader workers per process (default: automatic)")
 
@@ -233,7 +245,10 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N; under "
                    "torchrun each process takes the GPU of its LOCAL_RANK")
     for flag, _, kwargs in STEP_OPTIONS:
-        g.add_argument(flag, **kwargs)
+        if not evaluate or flag in EVALUATE_STEP_OPTIONS:
+            g.add_argument(flag, **kwargs)
+    if evaluate:
+        return
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
@@ -246,6 +261,32 @@ def _add_common(p: argparse.ArgumentParser, train: bool) -> None:
                         "--weight-decay; --param-lr rates still apply)")
     g.add_argument("--param-lr", action="append", metavar="NAME=LR", help="learning rate of the parameters whose "
                    "name, glob pattern or module prefix is NAME (repeatable; see make_param_groups)")
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("snapshots to evaluate")
+    g.add_argument("--snapshot-prefix", metavar="PREFIX", help="the training run's snapshot prefix: every snapshot "
+                   "PREFIX_iter_N.pt not yet in PREFIX_eval.jsonl is evaluated and gets a row there (demo default: "
+                   "DEMO_DIR/snapshots/demo)")
+    g.add_argument("--follow", action="store_true", help="wait for new snapshots, evaluate each once it is "
+                   "written, and exit 0 once the run's final snapshot is evaluated")
+    g.add_argument("--poll-seconds", type=float, default=5.0, help="--follow: seconds between looks at the folder")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", help="--follow: give up (exit code 2) when no new "
+                   "snapshot appeared for SECONDS and the final one is not evaluated (default: wait for ever)")
+    _add_measures(p.add_argument_group("what is measured (the loss always; a run's saved configuration gives "
+                                       "its validation's)"), evaluate=True)
+
+
+def _add_measures(g, evaluate: bool) -> None:
+    """The metric and weight options of the in-loop validation (``train``) and of ``evaluate``: one definition, so
+    a run's saved configuration measures beside the run what the run validated."""
+    g.add_argument("--val-miou", type=int, metavar="CLASSES", help="also measure the mean IoU (miou) of CLASSES "
+                   "classes: the model's forward returns {'loss': ..., 'logits': N x CLASSES x H x W} and the last "
+                   "--data folder holds the class-index masks")
+    g.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="evaluate the snapshots' moving average of the weights (a run trained with --ema) instead of "
+                        "its trained weights" if evaluate else "validate the moving average of the weights (needs "
+                   "--ema)")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -292,11 +333,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    "iterations when training by --iters")
     g.add_argument("--val-batch-size", type=int, metavar="N", help="validation samples per batch and process "
                    "(default: --batch-size)")
-    g.add_argument("--val-miou", type=int, metavar="CLASSES", help="also measure the mean IoU (val_miou) of "
-                   "CLASSES classes: the model's forward returns {'loss': ..., 'logits': N x CLASSES x H x W} and the "
-                   "last --data folder holds the class-index masks (pixels equal to --ignore-index left out)")
-    g.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=False,
-                   help="validate the moving average of the weights (needs --ema)")
+    _add_measures(g, evaluate=False)
 
 
 def _add_find_lr(p: argparse.ArgumentParser) -> None:
@@ -323,15 +360,21 @@ def _add_find_lr(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    """The parser of ``command`` (``"train"`` or ``"find_lr"``) with its real defaults in ``parser.pixelz_defaults``
-    and every argparse default suppressed, so that parsing returns only what the command line set."""
+    """The parser of ``command`` (``"train"``, ``"find_lr"`` or ``"evaluate"``) with its real defaults in
+    ``parser.pixelz_defaults`` and every argparse default suppressed, so that parsing returns only what the command
+    line set."""
     description = {"train": "Train a model with pixelz_dist.",
-                   "find_lr": "Find a learning rate for training with pixelz_dist."}[command]
+                   "find_lr": "Find a learning rate for training with pixelz_dist.",
+                   "evaluate": "Evaluate the snapshots of a training run (one-shot, or following the run with "
+                               "--follow), appending one row per snapshot to PREFIX_eval.jsonl."}[command]
+    epilog = {"train": "Exit codes: 0 done, 2 usage error, 75 preempted (resume with --resume auto)",
+              "find_lr": "Exit codes: 0 a suggestion, 1 no suggestion, 2 usage error",
+              "evaluate": "Exit codes: 0 done (with --follow: the run's final snapshot is evaluated), 2 usage error, "
+                          "a snapshot that cannot be evaluated, or --timeout reached; 130 Ctrl-C"}[command]
     p = _Parser(prog=COMMANDS[command], description=description, formatter_class=_Formatter, allow_abbrev=False,
-                epilog="Exit codes: 0 done, 2 usage error, 75 preempted (resume with --resume auto)"
-                if command == "train" else "Exit codes: 0 a suggestion, 1 no suggestion, 2 usage error")
-    _add_common(p, train=command == "train")
-    (_add_train if command == "train" else _add_find_lr)(p)
+                epilog=epilog)
+    _add_common(p, command)
+    {"train": _add_train, "find_lr": _add_find_lr, "evaluate": _add_evaluate}[command](p)
     p.pixelz_defaults = {}
     for action in p._actions:
         if action.dest != "help":
@@ -400,10 +443,10 @@ def parse(command: str, argv: list[str] | None = None) -> argparse.Namespace:
         print_config = given.pop("print_config", False)
         from_file = {}
         specs = option_specs(p)
-        if config_path:
-            other = build_parser("find_lr" if command == "train" else "train").pixelz_defaults
+        if config_path:  # a file saved by another command (a run's PREFIX_config.toml) sets what this one has
+            others = {key for c in COMMANDS if c != command for key in build_parser(c).pixelz_defaults}
             from_file = check_table(load_toml(config_path), specs, f"--config {config_path!r}",
-                                    ignored=frozenset(other) - frozenset(specs))
+                                    ignored=frozenset(others) - frozenset(specs))
         defaults = {k: v for k, v in p.pixelz_defaults.items() if k not in META}
         values, notes = merge(defaults, from_file, given, EXCLUSIVE, {k: s.flag for k, s in specs.items()},
                               DEPENDENTS)
@@ -446,14 +489,17 @@ def _finish(command: str, v: dict) -> None:
         if not os.path.isdir(folder):
             raise ConfigError(f"--data folder {folder!r} does not exist" if not os.path.exists(folder) else
                               f"--data {folder!r} is not a folder")
+    if v["demo"] and not v["demo_dir"]:
+        v["demo_dir"] = os.path.join(tempfile.gettempdir(), "pixelz_dist_demo")
+    if command == "evaluate":
+        _finish_evaluate(v)
+        return
     if v["optimizer"] != "sgd" and v["momentum"] is not None:
         raise ConfigError(f"--momentum is for sgd; {v['optimizer']} has betas (leave --momentum out)")
     if v["optimizer"] == "sgd" and v["momentum"] is None:
         v["momentum"] = 0.9
     if v["weight_decay"] is None:
         v["weight_decay"] = 0.01 if v["optimizer"] == "adamw" else 0.0
-    if v["demo"] and not v["demo_dir"]:
-        v["demo_dir"] = os.path.join(tempfile.gettempdir(), "pixelz_dist_demo")
     if command == "train":
         _finish_train(v)
     else:
@@ -486,6 +532,22 @@ def _check_augmentation(v: dict) -> None:
     if not 0 <= v["pad_value"] <= 255:
         raise ConfigError(f"--pad-value {v['pad_value']} is not a pixel value: 0..255 (8-bit images are padded "
                           "before they are scaled to [0, 1])")
+
+
+def _finish_evaluate(v: dict) -> None:
+    if v["demo"] and not v["snapshot_prefix"]:
+        v["snapshot_prefix"] = os.path.join(v["demo_dir"], "snapshots", "demo")
+    if not v["snapshot_prefix"]:
+        raise ConfigError("which run to evaluate: pass --snapshot-prefix PREFIX (the training run's), or --config "
+                          "PREFIX_config.toml (saved beside its snapshots)")
+    if v["poll_seconds"] <= 0:
+        raise ConfigError(f"--poll-seconds must be positive, got {v['poll_seconds']:g}")
+    if v["timeout"] is not None and not v["follow"]:
+        raise ConfigError("--timeout is how long --follow waits for a new snapshot: pass --follow, or leave it out")
+    if v["timeout"] is not None and v["timeout"] <= 0:
+        raise ConfigError(f"--timeout must be positive, got {v['timeout']:g}")
+    if v["val_miou"] is not None and v["val_miou"] < 1:
+        raise ConfigError(f"--val-miou must be >= 1, got {v['val_miou']}")
 
 
 def _finish_train(v: dict) -> None:

@@ -265,10 +265,15 @@ class Engine:
         self.requests.finish()  # the last exchange in flight (under torchrun): every rank waits for it alike
         if self.reporter.meter.iterations:
             self.display()
-        if s.snapshot_prefix and self.checkpointer.last_iteration != self.progress.iteration:
-            self.write_snapshot(wait=True)
+        checkpointer = self.checkpointer
+        if s.snapshot_prefix and (checkpointer.last_iteration != self.progress.iteration
+                                  or not checkpointer.last_final):
+            # the run's end is marked in its last snapshot (meta["final"]), which readers beside the run wait for;
+            # one of this iteration written without the mark (a loader without a length ends its epoch only when it
+            # runs dry; a preemption snapshot at the last iteration, resumed) is written again, atomically, with it
+            self.write_snapshot(wait=True, final=True)
         elif s.snapshot_prefix:
-            self.checkpointer.wait_durable()  # the last iteration's snapshot: durable before train_model returns
+            checkpointer.wait_durable()  # the last iteration's snapshot: durable before train_model returns
         self.flush_files()
         if self.requests.stopping:
             logger.info("stopped at iteration %d: %s", self.progress.iteration, self.requests.stop_reason)
@@ -444,14 +449,17 @@ class Engine:
             self.preempt()
         if self.s.snapshot_prefix and (self.schedule.due(iteration, self.source.epoch_fraction())
                                        or snapshot_requested):
-            self.write_snapshot(wait=not self.s.snapshot_async)
+            # done() is already what ends the loop after this iteration (the epoch's end and the agreed requests are
+            # in): a snapshot due now is then the final one, and is not written twice
+            self.write_snapshot(wait=not self.s.snapshot_async, final=self.done())
 
-    def write_snapshot(self, wait: bool) -> str:
+    def write_snapshot(self, wait: bool, final: bool = False) -> str:
         """Snapshot this iteration; ``wait``: return once it is durable, else write it in the background (its
-        ``on_snapshot`` hooks run at the iteration every rank learns that it is durable)."""
+        ``on_snapshot`` hooks run at the iteration every rank learns that it is durable). ``final``: it ends the
+        completed run (``meta["final"]``)."""
         if self.env.is_main:
             self.flush_files()  # the records up to this snapshot are durable before the snapshot exists
-        return self.checkpointer.save(self.progress.iteration, wait=wait)
+        return self.checkpointer.save(self.progress.iteration, wait=wait, final=final)
 
     def snapshot_durable(self, path: str) -> None:
         for hook in self.callbacks.on_snapshot:
