@@ -230,7 +230,7 @@ def test_follower_beside_a_real_training_run_exits_0_after_the_final_snapshot(tm
         want = direct(f"{prefix}_iter_{row['iteration']}.pt", folders)
         assert all(math.isclose(row[k], want[k], rel_tol=1e-9, abs_tol=1e-12) for k in want), (row, want)
     leftovers = sorted(n for n in os.listdir(tmp_path / "run") if not n.startswith("s_iter_"))
-    assert leftovers == ["s.lock", "s_config.toml", "s_eval.jsonl", "s_metrics.jsonl", "s_order.tsv"]
+    assert leftovers == ["s.lock", "s_config.toml", "s_curves.png", "s_eval.jsonl", "s_metrics.jsonl", "s_order.tsv"]
 
 
 @pytest.mark.parametrize("argv, expected", [
