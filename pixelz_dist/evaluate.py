@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                 f"python -m pixelz_dist.evaluate runs as one process, not under torchrun (WORLD_SIZE="
                 f"{read_env().world_size}): every process would evaluate every snapshot and append its rows. HINT: "
                 "start it with python (on one GPU: --device cuda:N)."))
-        model, dataset = build_dataset_and_model(opts)
+        model, dataset = build_dataset_and_model(opts, augment=False)  # a run's config holds its augmentation
         device = place_model(model, opts.device)
         evaluate = ModelEvaluation(model, dataset, use_ema=opts.use_ema, batch_size=opts.batch_size,
                                    metrics=build_metrics(opts), num_workers=opts.workers, device=device, amp=opts.amp)

@@ -40,8 +40,11 @@ def _is_dataset(obj) -> bool:
     return hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
 
 
-def build_dataset_and_model(opts: Namespace):
+def build_dataset_and_model(opts: Namespace, *, augment: bool = True):
     """``(model, dataset)``: the demo's, or the ``--model`` factory's and the ``--data`` / ``--dataset`` one.
+
+    ``augment=False`` (evaluation) leaves out the random augmentation of ``--data`` (``--crop``, ``--hflip``,
+    ``--scale-range``, kept in a training run's saved configuration) and of the demo: every sample is read whole.
 
     torch's, numpy's and Python's global RNGs are seeded with ``--seed`` first, so the initial weights and the
     training loop's own random draws (dropout) are the same in every run with that seed.
@@ -54,14 +57,14 @@ def build_dataset_and_model(opts: Namespace):
     if opts.demo:
         from .demo import build_demo
 
-        return build_demo(opts.demo_dir, num_samples=opts.demo_samples, seed=opts.seed)
+        return build_demo(opts.demo_dir, num_samples=opts.demo_samples, seed=opts.seed, augment=augment)
     model = call_factory(opts.model, "--model", opts.model_arg, lambda m: isinstance(m, nn.Module),
                          "a torch.nn.Module")
     if opts.dataset:
         dataset = call_factory(opts.dataset, "--dataset", opts.dataset_arg, _is_dataset,
                                "a map-style dataset (with __len__ and __getitem__)")
     else:
-        dataset = folder_dataset(opts, opts.data, augment=True)
+        dataset = folder_dataset(opts, opts.data, augment=augment)
     return model, dataset
 
 

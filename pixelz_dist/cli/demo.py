@@ -238,7 +238,7 @@ class TinySegNet(nn.Module):
 
 
 def build_demo(
-    root: str | os.PathLike[str], num_samples: int = 64, size: int = 32, seed: int = 0
+    root: str | os.PathLike[str], num_samples: int = 64, size: int = 32, seed: int = 0, augment: bool = True
 ) -> tuple[TinySegNet, DemoDataset]:
     """Demo files, a freshly initialised model and the augmented dataset, in one call.
 
@@ -251,4 +251,4 @@ def build_demo(
         # would not restore. Parameter init only uses the CPU generator.
         torch.default_generator.manual_seed(seed)
         model = TinySegNet()
-    return model, DemoDataset(root)
+    return model, DemoDataset(root, augment=augment)
