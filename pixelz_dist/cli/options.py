@@ -8,121 +8,41 @@ overrides the file, the file overrides the defaults (see :mod:`pixelz_dist.cli.c
 error is one line ``error: ...`` on stderr and exit code 2.
 
 Adding an option that ``train_model`` passes through (e.g. ``clip_grad_norm``) is one line in
-:data:`TRAIN_MODEL_OPTIONS`.
+:mod:`pixelz_dist.cli.passthrough`; the checks of the resolved values are :mod:`pixelz_dist.cli.checks`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 
 from ..distributed.env import read_env
 from ..engine.settings import LEGACY_NAMES
 from ..errors import ConfigError, PixelzError
 from ..log import ensure_handler, logger
+from .checks import AUGMENTATION, finish
 from .config import OptionSpec, check_table, load_toml, merge
 from .imports import parse_assignments
+from .passthrough import (  # noqa: F401 (re-exported: the entry points read them here)
+    EMA_OPTIONS,
+    EVALUATE_STEP_OPTIONS,
+    SCHEDULE_OPTIONS,
+    STEP_OPTIONS,
+    TRAIN_MODEL_OPTIONS,
+    schedule_and_ema_options,
+    step_options,
+)
 
 COMMANDS = {"train": "python -m pixelz_dist.train", "find_lr": "python -m pixelz_dist.find_lr",
             "evaluate": "python -m pixelz_dist.evaluate"}
 META = ("config", "print_config")  # options about the configuration itself, never saved in it
 TABLES = ("model_arg", "dataset_arg", "param_lr")  # repeatable KEY=VALUE options; tables in a config file
-#: The joint augmentation of --data (pixelz_dist.data.augment); the same names in a config file.
-AUGMENTATION = ("crop", "hflip", "scale_range", "pad_value")
 EXCLUSIVE = [("epochs", "iters"), ("demo", "model"), ("demo", "data", "dataset")]
 DEPENDENTS = {"model": ("model_arg",), "data": ("modes", "on_bad_file", "cache_dir", *AUGMENTATION, "val_data"),
               "dataset": ("dataset_arg",)}
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("none", "step", "multistep", "cosine", "onecycle", "poly")
-
-# train_model keywords that the command line passes through unchanged: (flag, keyword, argparse keywords).
-# One line per option; the training command adds each one and hands its value to train_model.
-TRAIN_MODEL_OPTIONS = (
-    ("--snapshot-prefix", "snapshot_prefix", dict(metavar="PREFIX", help="write snapshots to PREFIX_iter_N.pt and "
-                                                  "the resolved configuration to PREFIX_config.toml (demo default: "
-                                                  "DEMO_DIR/snapshots/demo)")),
-    ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
-                                                      "twice per epoch), in iterations with --iters")),
-    ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
-    ("--keep-best", "keep_best", dict(type=int, metavar="K", help="also keep the K best snapshots by --monitor-key "
-                                      "(never removed by --keep-last) and PREFIX_best.pt, the best so far; needs "
-                                      "--val-data")),
-    # not --monitor: torchrun's parser reads it as an abbreviation of its own --monitor-interval, and stops
-    ("--monitor-key", "monitor", dict(default="val_loss", metavar="KEY", help="the validation value --keep-best "
-                                      "ranks by: val_loss, or val_<metric> (val_miou with --val-miou)")),
-    ("--monitor-mode", "monitor_mode", dict(choices=("min", "max"), help="whether smaller (min) or larger (max) "
-                                            "--monitor-key values are better (default: min for a loss, else "
-                                            "required)")),
-    ("--async-snapshots", "snapshot_async", dict(
-        action=argparse.BooleanOptionalAction, default=True,
-        help="write periodic snapshots in the background while training goes on (default); --no-async-snapshots: "
-             "each holds up training until it is on disk")),
-    ("--overwrite", "overwrite", dict(action=argparse.BooleanOptionalAction, default=False,
-                                      help="a run without --resume into a prefix that holds another run's snapshots "
-                                           "sets them aside (renamed NAME.old-<time>) instead of refusing; with "
-                                           "--resume auto, so do snapshots of which none can be loaded")),
-    ("--allow-changed-data", "allow_changed_data", dict(
-        action=argparse.BooleanOptionalAction, default=False,
-        help="with --resume: continue in the middle of an epoch although the data changed since the snapshot (files "
-             "added, removed or renamed; refused otherwise): the epoch goes on at the same position of the new list")),
-    ("--strict-load", "strict_load", dict(action=argparse.BooleanOptionalAction, default=True,
-                                          help="--no-strict-load: resume a snapshot whose model has other keys, "
-                                               "loading the keys both have (shapes must still match)")),
-    ("--display-iter", "display_iter", dict(type=int, default=20, help="iterations between log lines")),
-    ("--display-gpu", "display_gpu", dict(action=argparse.BooleanOptionalAction, default=False,
-                                          help="add GPU memory to the log lines")),
-    ("--stop-loss-below", "stop_loss_below", dict(type=float, metavar="LOSS",
-                                                  help="stop once the smoothed training loss is below LOSS")),
-    ("--stop-patience", "stop_patience", dict(type=int, metavar="N", help="stop after N iterations without a new "
-                                              "best smoothed training loss")),
-    ("--stop-min-delta", "stop_min_delta", dict(type=float, default=0.0,
-                                                help="the improvement that counts for --stop-patience")),
-    ("--time-budget", "time_budget", dict(type=float, metavar="SECONDS", help="stop with a final snapshot before "
-                                          "SECONDS are spent (e.g. a little under the SLURM time limit)")),
-    ("--deterministic", "deterministic", dict(
-        action=argparse.BooleanOptionalAction, default=False,
-        help="deterministic algorithms (cuDNN without benchmark, CUBLAS_WORKSPACE_CONFIG): a GPU run and its resume "
-             "bit-identical; an op without a deterministic implementation is an error naming it")),
-    ("--on-nonfinite", "on_nonfinite", dict(choices=("raise", "skip"), help="on a NaN / inf loss: stop with an "
-                                            "error naming the iteration, or skip the step (default: no check)")),
-)
-
-# train_model keywords of the schedule and of the weights' moving average, passed through as TRAIN_MODEL_OPTIONS are
-# (their own groups in --help).
-SCHEDULE_OPTIONS = (
-    ("--warmup-iters", "warmup_iters", dict(type=int, metavar="N", help="the first N iterations at a rate rising "
-                                            "linearly from --warmup-factor x the rate to the rate, on top of any "
-                                            "--scheduler (counted in iterations even when it steps per epoch)")),
-    ("--warmup-factor", "warmup_factor", dict(type=float, default=0.001, help="--warmup-iters: the first "
-                                              "iteration's fraction of the rate")),
-)
-EMA_OPTIONS = (
-    ("--ema", "ema", dict(type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
-                          "(e.g. 0.999), updated after every applied step and saved in snapshots (key 'ema')")),
-    ("--ema-buffers", "ema_buffers", dict(choices=("average", "copy"), default="average",
-                                          help="--ema: average floating-point buffers (BatchNorm statistics) like "
-                                               "the weights, or copy the live model's")),
-)
-
-# train_model keywords that both commands pass through (find_lr through its train_kwargs): the finder must measure
-# the step that training will run.
-STEP_OPTIONS = (
-    ("--amp", "amp", dict(choices=("bf16", "fp16"), help="mixed precision: autocast around forward (fp16 with a "
-                          "GradScaler)")),
-    ("--channels-last", "channels_last", dict(action=argparse.BooleanOptionalAction, default=False,
-                                              help="model and 4-D inputs in channels_last (conv nets on GPUs)")),
-    ("--compile", "compile", dict(action=argparse.BooleanOptionalAction, default=False, help="torch.compile")),
-    ("--clip-grad-norm", "clip_grad_norm", dict(type=float, metavar="MAX", help="clip the gradients' total norm")),
-    ("--clip-grad-value", "clip_grad_value", dict(type=float, metavar="MAX", help="clamp each gradient element")),
-)
-
-
-# the step options that also apply to a forward pass alone (``python -m pixelz_dist.evaluate``)
-EVALUATE_STEP_OPTIONS = ("--amp",)
-
 
 def error_line(error: BaseException) -> str:
     """The message of ``error`` for one ``error: ...`` line: an error raised in a DataLoader worker reaches the main
@@ -144,16 +64,6 @@ def report_error(error: PixelzError) -> int:
     if not error.on_every_rank or read_env().is_main:
         print(f"error: {error_line(error)}", file=sys.stderr)
     return error.exit_code
-
-
-def schedule_and_ema_options(opts: argparse.Namespace) -> dict:
-    """The :data:`SCHEDULE_OPTIONS` and :data:`EMA_OPTIONS` as train_model keywords (training only)."""
-    return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in SCHEDULE_OPTIONS + EMA_OPTIONS}
-
-
-def step_options(opts: argparse.Namespace) -> dict:
-    """The :data:`STEP_OPTIONS` as train_model keywords."""
-    return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in STEP_OPTIONS}
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -450,7 +360,7 @@ def parse(command: str, argv: list[str] | None = None) -> argparse.Namespace:
         defaults = {k: v for k, v in p.pixelz_defaults.items() if k not in META}
         values, notes = merge(defaults, from_file, given, EXCLUSIVE, {k: s.flag for k, s in specs.items()},
                               DEPENDENTS)
-        _finish(command, values)
+        finish(command, values)
     except ConfigError as e:
         fail(str(e))
     opts = argparse.Namespace(**values)
@@ -468,147 +378,6 @@ def config_values(opts: argparse.Namespace) -> dict:
     one invocation starts, not what the run is (repeat the run with ``--config FILE``, continue it with
     ``--config FILE --resume auto``)."""
     return {k: v for k, v in vars(opts).items() if k not in ("notes", "resume")}
-
-
-def _finish(command: str, v: dict) -> None:
-    """Fill the defaults that depend on other options and check the combinations; raises ConfigError."""
-    if not v["demo"] and not v["model"]:
-        raise ConfigError("no model: pass --model package.module:factory (or --demo)")
-    if not v["demo"] and not v["data"] and not v["dataset"]:
-        raise ConfigError("no data: pass --data DIR [DIR ...] or --dataset package.module:factory (or --demo)")
-    for key, needs in (("modes", "data"), ("cache_dir", "data"), ("model_arg", "model"), ("dataset_arg", "dataset")):
-        if v[key] and not v[needs]:
-            raise ConfigError(f"--{key.replace('_', '-')} needs --{needs}")
-    if v["on_bad_file"] != "raise" and not v["data"]:
-        raise ConfigError("--on-bad-file applies to --data folders (a --dataset factory chooses its own handling)")
-    _check_augmentation(v)
-    if v["modes"] and len(v["modes"]) != len(v["data"]):
-        raise ConfigError(f"--modes has {len(v['modes'])} entries for {len(v['data'])} --data folders; give one per "
-                          "folder")
-    for folder in v["data"] or ():
-        if not os.path.isdir(folder):
-            raise ConfigError(f"--data folder {folder!r} does not exist" if not os.path.exists(folder) else
-                              f"--data {folder!r} is not a folder")
-    if v["demo"] and not v["demo_dir"]:
-        v["demo_dir"] = os.path.join(tempfile.gettempdir(), "pixelz_dist_demo")
-    if command == "evaluate":
-        _finish_evaluate(v)
-        return
-    if v["optimizer"] != "sgd" and v["momentum"] is not None:
-        raise ConfigError(f"--momentum is for sgd; {v['optimizer']} has betas (leave --momentum out)")
-    if v["optimizer"] == "sgd" and v["momentum"] is None:
-        v["momentum"] = 0.9
-    if v["weight_decay"] is None:
-        v["weight_decay"] = 0.01 if v["optimizer"] == "adamw" else 0.0
-    if command == "train":
-        _finish_train(v)
-    else:
-        if v["result_file"] is None:
-            v["result_file"] = os.path.join(v["demo_dir"] if v["demo"] else "", "lr_finder", "results.npz")
-        if v["resume"] is not None and not os.path.isfile(v["resume"]):
-            raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file")
-
-
-def _check_augmentation(v: dict) -> None:
-    """--crop, --hflip, --scale-range, --pad-value: their values and what they need; raises ConfigError."""
-    given = [f"--{k.replace('_', '-')}" for k in AUGMENTATION if v[k] not in (None, False, 0)]
-    if given and not v["data"]:
-        source = "--dataset factory builds its own transforms" if v["dataset"] else "demo's samples are fixed"
-        raise ConfigError(f"{', '.join(given)} augment --data folders, but the {source}; HINT: drop "
-                          f"{', '.join(given)}, or use --data (or add the augmentation to your --dataset factory: "
-                          "pixelz_dist.data.augment.joint_augmentation)")
-    if v["crop"] is not None and (len(v["crop"]) not in (1, 2) or min(v["crop"]) < 1):
-        raise ConfigError(f"--crop takes one size (a square) or height and width, each at least 1; got "
-                          f"{' '.join(map(str, v['crop']))}")
-    if v["scale_range"] is not None:
-        if len(v["scale_range"]) != 2 or not 0 < v["scale_range"][0] <= v["scale_range"][1]:
-            raise ConfigError(f"--scale-range takes LO HI with 0 < LO <= HI (factors of each image's size, e.g. 0.5 "
-                              f"2.0); got {' '.join(f'{x:g}' for x in v['scale_range'])}")
-        if v["crop"] is None:
-            raise ConfigError("--scale-range without --crop would give every sample another size, which a batch "
-                              "cannot hold; HINT: add --crop SIZE (the crop comes after the rescale)")
-    if v["pad_value"] and v["crop"] is None:
-        raise ConfigError("--pad-value is what --crop pads images with; HINT: add --crop SIZE, or drop --pad-value")
-    if not 0 <= v["pad_value"] <= 255:
-        raise ConfigError(f"--pad-value {v['pad_value']} is not a pixel value: 0..255 (8-bit images are padded "
-                          "before they are scaled to [0, 1])")
-
-
-def _finish_evaluate(v: dict) -> None:
-    if v["demo"] and not v["snapshot_prefix"]:
-        v["snapshot_prefix"] = os.path.join(v["demo_dir"], "snapshots", "demo")
-    if not v["snapshot_prefix"]:
-        raise ConfigError("which run to evaluate: pass --snapshot-prefix PREFIX (the training run's), or --config "
-                          "PREFIX_config.toml (saved beside its snapshots)")
-    if v["poll_seconds"] <= 0:
-        raise ConfigError(f"--poll-seconds must be positive, got {v['poll_seconds']:g}")
-    if v["timeout"] is not None and not v["follow"]:
-        raise ConfigError("--timeout is how long --follow waits for a new snapshot: pass --follow, or leave it out")
-    if v["timeout"] is not None and v["timeout"] <= 0:
-        raise ConfigError(f"--timeout must be positive, got {v['timeout']:g}")
-    if v["val_miou"] is not None and v["val_miou"] < 1:
-        raise ConfigError(f"--val-miou must be >= 1, got {v['val_miou']}")
-
-
-def _finish_train(v: dict) -> None:
-    if v["epochs"] is None and v["iters"] is None:
-        if not v["demo"]:
-            raise ConfigError("how long to train: pass --epochs N or --iters N")
-        v["epochs"] = 5
-    if v["demo"] and not v["snapshot_prefix"]:
-        v["snapshot_prefix"] = os.path.join(v["demo_dir"], "snapshots", "demo")
-        if v["resume"] is None:  # the demo's own folder: a new demo run sets the last one's snapshots aside
-            v["overwrite"] = True
-    if v["resume"] == "auto" and not v["snapshot_prefix"]:
-        raise ConfigError("--resume auto looks for the newest snapshot of --snapshot-prefix: pass --snapshot-prefix")
-    if v["resume"] not in (None, "auto") and not os.path.isfile(v["resume"]):
-        raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file (or 'auto' for the newest of "
-                          "--snapshot-prefix)")
-    sched = v["scheduler"]
-    if sched == "step" and not v["step_size"]:
-        raise ConfigError("--scheduler step needs --step-size N")
-    if sched == "multistep" and not v["milestones"]:
-        raise ConfigError("--scheduler multistep needs --milestones N [N ...]")
-    if sched == "onecycle":
-        v["schedule_on_iter"] = True
-    if sched == "poly" and not v["poly_power"] > 0:
-        raise ConfigError(f"--poly-power must be > 0, got {v['poly_power']}")
-    if v["ema"] is not None and not 0 < v["ema"] < 1:
-        raise ConfigError(f"--ema is a decay between 0 and 1 (exclusive, e.g. 0.999), got {v['ema']}")
-    if v["warmup_iters"] is not None and v["warmup_iters"] < 0:
-        raise ConfigError(f"--warmup-iters must be >= 0, got {v['warmup_iters']}")
-    if not 0 < v["warmup_factor"] <= 1:
-        raise ConfigError(f"--warmup-factor must be in (0, 1], got {v['warmup_factor']}")
-    _finish_validation(v)
-    if v["tensorboard"]:
-        from ..callbacks.tensorboard import check_tensorboard
-
-        check_tensorboard()
-
-
-def _finish_validation(v: dict) -> None:
-    if not v["val_data"]:
-        for key in ("val_batch_size", "val_miou", "keep_best"):
-            if v[key] is not None:
-                raise ConfigError(f"--{key.replace('_', '-')} needs --val-data (the validation folders)")
-        if v["use_ema"]:
-            raise ConfigError("--use-ema needs --val-data (the validation folders)")
-        return
-    if not v["data"]:
-        raise ConfigError("--val-data pairs with --data (the same roles and --modes); a --dataset factory's run "
-                          "validates through train_model(callbacks=[Validation(...)]) in Python")
-    if len(v["val_data"]) != len(v["data"]):
-        raise ConfigError(f"--val-data has {len(v['val_data'])} folders for {len(v['data'])} --data folders; give one "
-                          "per --data folder, in the same order")
-    for folder in v["val_data"]:
-        if not os.path.isdir(folder):
-            raise ConfigError(f"--val-data folder {folder!r} does not exist" if not os.path.exists(folder) else
-                              f"--val-data {folder!r} is not a folder")
-    for key in ("val_interval", "val_batch_size", "val_miou"):
-        if v[key] is not None and v[key] < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {v[key]}")
-    if v["use_ema"] and v.get("ema") is None:
-        raise ConfigError("--use-ema validates the moving average of the weights: pass --ema DECAY (e.g. 0.999)")
 
 
 def setup_logging() -> None:
