@@ -36,3 +36,34 @@ def test_other_errors_are_left_alone():
     assert worker_death(RuntimeError("the model failed at call 3")) is None
     assert worker_death(ValueError("DataLoader worker (pid 1) is killed by signal: Killed. ")) is None
     assert worker_death(WorkerDied("DataLoader worker (pid 1) was killed")) is None  # already ours
+
+
+def test_a_batch_lost_in_transit_from_a_killed_worker_is_that_workers_death():
+    """Killed while the main process was receiving its batch, a worker's shared-memory handle cannot be fetched:
+    multiprocessing raises ConnectionResetError before torch notices. With a real killed process among the workers it
+    is that worker's death; with every worker alive it is left alone."""
+    import multiprocessing
+    import os
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    alive, victim = ctx.Process(target=time.sleep, args=(30,)), ctx.Process(target=time.sleep, args=(30,))
+    alive.start()
+    victim.start()
+    try:
+        lost = ConnectionResetError(104, "Connection reset by peer")
+        assert worker_death(lost, [alive, victim]) is None  # nothing ended: not a worker's death
+        os.kill(victim.pid, signal.SIGKILL)
+        died = worker_death(lost, [alive, victim])
+        assert isinstance(died, WorkerDied)
+        assert (died.worker, died.pid, died.signal) == (1, victim.pid, signal.SIGKILL)
+        assert str(died).startswith(f"DataLoader worker 1 (pid {victim.pid}) was killed by signal 9 (SIGKILL)")
+        try:
+            raise RuntimeError("while reading the batch") from EOFError()
+        except RuntimeError as wrapped:
+            assert worker_death(wrapped, [alive, victim]).pid == victim.pid
+        assert worker_death(ConnectionResetError(), []) is None  # no workers to ask: an ordinary network error
+    finally:
+        for p in (alive, victim):
+            p.kill()
+            p.join()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 
 from ..errors import WorkerDied
 
@@ -48,9 +49,18 @@ def worker_death(error: BaseException, workers=()) -> WorkerDied | None:
     """
     text = _torch_words(error)
     if text is None:
-        return None
-    named = int(_TORCH_WORDS.search(text).group(1))
-    dead = [(i, w) for i, w in enumerate(workers) if w.exitcode not in (None, 0)]  # exitcode reaps: read it once
+        # A worker killed while the main process was receiving its batch: the batch's shared-memory handle can no
+        # longer be fetched from the dead worker, and multiprocessing says so first (ConnectionResetError, EOFError
+        # from resource_sharer), before torch's own message. It is the worker's death only if one of them ended.
+        if not workers or not _in_chain(error, (ConnectionError, EOFError)):
+            return None
+        dead = _ended(workers)
+        if not dead:
+            return None
+        text, named = "", dead[0][1].pid
+    else:
+        named = int(_TORCH_WORDS.search(text).group(1))
+        dead = [(i, w) for i, w in enumerate(workers) if w.exitcode not in (None, 0)]  # exitcode reaps: read it once
     dead.sort(key=lambda item: item[1].pid != named)  # the worker torch named first
     if dead:
         index, worker = dead[0]
@@ -92,6 +102,27 @@ def _torch_words(error: BaseException) -> str | None:
                 texts.append(text)
         error = error.__cause__ or error.__context__
     return " | ".join(texts) if texts else None
+
+
+def _in_chain(error: BaseException, kinds: tuple) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, kinds):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _ended(workers, wait_s: float = 1.0) -> list:
+    """The workers that ended, as ``(index, process)``; waits up to ``wait_s`` for the kernel to report a worker that
+    is dying (a SIGKILL is delivered at once, but its exit status may not be ready at the instant the pipe broke)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [(i, w) for i, w in enumerate(workers) if w.exitcode not in (None, 0)]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.02)
 
 
 def _signal_name(sig: int) -> str:
