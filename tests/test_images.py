@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 
 import numpy as np
@@ -31,12 +32,23 @@ def _restore_backend(monkeypatch):
     images._active.update(saved)
 
 
+def skip_unless_required(reason):
+    """Skipped where the optional decoders are missing; failed where CI requires them (PIXELZ_REQUIRE_JPEG_LIBS=1)."""
+    if os.environ.get("PIXELZ_REQUIRE_JPEG_LIBS") == "1":
+        pytest.fail(f"PIXELZ_REQUIRE_JPEG_LIBS=1 but {reason}")
+    pytest.skip(reason)
+
+
 def use_backend(name):
     if name in OPTIONAL:
-        pytest.importorskip(OPTIONAL[name], reason=f"optional JPEG backend {name} is not installed")
+        try:
+            __import__(OPTIONAL[name])
+        except ImportError as exc:
+            skip_unless_required(f"optional JPEG backend {name} is not installed ({exc})")
     got = set_jpeg_backend(name)
     if got != name:
-        pytest.skip(f"optional JPEG backend {name} is installed but unusable here (system libturbojpeg missing?)")
+        skip_unless_required(f"optional JPEG backend {name} is installed but unusable here (system libturbojpeg "
+                             "missing?)")
     return name
 
 
