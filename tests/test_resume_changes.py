@@ -1,6 +1,7 @@
 """A resume whose call differs from the run that wrote the snapshot: what is kept from the snapshot (the data seed,
 the stop criterion's progress), what is taken from the call (optimizer hyper-parameters of several groups, OneCycle's
-max_lr), what is said (a scheduler on one side only, a grown or shrunk dataset), and Ctrl-C caught from Python.
+max_lr), what is said (a scheduler on one side only, a grown or shrunk dataset), and Ctrl-C caught from Python. Last,
+the set_epoch call a user's DataLoader gets every epoch (what makes a resumed run's later epochs the same).
 
 All in-process, on the linear regression of ``engine_helpers`` (10 samples, batch 2: 5 iterations per epoch).
 """
