@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..distributed.env import read_env
@@ -381,7 +382,8 @@ def config_values(opts: argparse.Namespace) -> dict:
 
 
 def setup_logging() -> None:
-    """INFO lines on stderr when nothing else configured logging; ranks other than 0 only warn."""
+    """INFO lines on stderr when nothing else configured logging; ranks other than 0 only warn, unless
+    PIXELZ_LOG_ALL_RANKS=1 asks for every rank's lines (INFO too)."""
     ensure_handler()
-    if not read_env().is_main:
+    if not read_env().is_main and os.environ.get("PIXELZ_LOG_ALL_RANKS") != "1":
         logger.setLevel(logging.WARNING)
