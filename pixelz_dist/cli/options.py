@@ -27,9 +27,12 @@ from .imports import parse_assignments
 from .passthrough import (  # noqa: F401 (re-exported: the entry points read them here)
     EMA_OPTIONS,
     EVALUATE_STEP_OPTIONS,
+    FIND_LR_ARGUMENTS,
     SCHEDULE_OPTIONS,
     STEP_OPTIONS,
+    TRAIN_MODEL_ARGUMENTS,
     TRAIN_MODEL_OPTIONS,
+    keywords,
     schedule_and_ema_options,
     step_options,
 )
