@@ -86,13 +86,14 @@ def test_train_command_passes_the_options_as_names_md_says(tmp_path, monkeypatch
 
     seen = {}
     monkeypatch.setattr(engine, "train_model", lambda *args, **kwargs: seen.update(kwargs, args=args))
-    argv = ["--demo", "--demo-dir", str(tmp_path / "demo"), "--demo-samples", "4", "--iters", "3", "--workers", "0",
-            "--seed", "5", "--batch-size", "2", "--resume", "auto", "--monitor-key", "val_x", "--monitor-mode", "max",
+    argv = ["--model", "engine_helpers:LinReg", "--dataset", "engine_helpers:make_data", "--iters", "3",
+            "--workers", "0", "--seed", "5", "--batch-size", "2", "--resume", "auto",
+            "--snapshot-prefix", str(tmp_path / "snap"), "--monitor-key", "val_x", "--monitor-mode", "max",
             "--no-async-snapshots", "--ema", "0.5", "--warmup-iters", "2", "--clip-grad-norm", "1.5", "--no-curves"]
     assert train.main(argv) == 0
     expected = {"num_iters": 3, "num_workers": 0, "seed": 5, "batch_size": 2, "load_snapshot_path": "auto",
                 "monitor": "val_x", "monitor_mode": "max", "snapshot_async": False, "ema": 0.5, "warmup_iters": 2,
-                "clip_grad_norm": 1.5, "num_epochs": None, "shuffle": True}
+                "clip_grad_norm": 1.5, "num_epochs": None, "shuffle": True, "snapshot_prefix": str(tmp_path / "snap")}
     assert {k: seen[k] for k in expected} == expected
     tables = pt.TRAIN_MODEL_ARGUMENTS + pt.TRAIN_MODEL_OPTIONS + pt.STEP_OPTIONS + pt.SCHEDULE_OPTIONS + pt.EMA_OPTIONS
     assert {row[1] for row in tables} <= set(seen)
