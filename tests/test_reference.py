@@ -12,6 +12,7 @@ import ast
 import difflib
 import inspect
 import json
+import logging
 import re
 import types
 import unicodedata
@@ -77,7 +78,7 @@ def test_name_tables_name_real_keywords_and_options():
         assert len(keywords) == len(set(keywords)), "a keyword set by two options"
 
 
-def test_train_command_passes_the_options_as_names_md_says(tmp_path, monkeypatch):
+def test_train_command_passes_the_options_as_names_md_says(tmp_path, monkeypatch, caplog):
     """``python -m pixelz_dist.train`` hands every option of the tables to train_model under its keyword (the
     renamed ones included: --iters is num_iters, --workers num_workers, --resume load_snapshot_path)."""
     import pixelz_dist.engine.train_model as engine
@@ -90,7 +91,8 @@ def test_train_command_passes_the_options_as_names_md_says(tmp_path, monkeypatch
             "--workers", "0", "--seed", "5", "--batch-size", "2", "--resume", "auto",
             "--snapshot-prefix", str(tmp_path / "snap"), "--monitor-key", "val_x", "--monitor-mode", "max",
             "--no-async-snapshots", "--ema", "0.5", "--warmup-iters", "2", "--clip-grad-norm", "1.5", "--no-curves"]
-    assert train.main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="pixelz_dist"):  # puts back the level the command sets
+        assert train.main(argv) == 0
     expected = {"num_iters": 3, "num_workers": 0, "seed": 5, "batch_size": 2, "load_snapshot_path": "auto",
                 "monitor": "val_x", "monitor_mode": "max", "snapshot_async": False, "ema": 0.5, "warmup_iters": 2,
                 "clip_grad_norm": 1.5, "num_epochs": None, "shuffle": True, "snapshot_prefix": str(tmp_path / "snap")}
