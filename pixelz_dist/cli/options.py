@@ -93,15 +93,15 @@ class _Parser(argparse.ArgumentParser):
 def close_options(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """``did you mean --epochs?`` for the unknown options among ``extras`` (``--epoch``, ``--snaphot_interval=2``):
     the parser's long options closest to each, compared in the dashed spelling; empty when none is close."""
-    options = sorted(s for s in parser._option_string_actions if s.startswith("--"))
+    names = sorted(s[2:] for s in parser._option_string_actions if s.startswith("--"))
     hints = []
     for token in extras:
         if not token.startswith("--") or token == "--":
             continue
-        name = "--" + token.partition("=")[0][2:].replace("_", "-")
-        close = difflib.get_close_matches(name, options, n=3)
+        name = token.partition("=")[0][2:].replace("_", "-")  # compared without the "--" every option shares
+        close = difflib.get_close_matches(name, names, n=3)
         if close:
-            hints.append((token.partition("=")[0], " or ".join(close)))
+            hints.append((token.partition("=")[0], " or ".join(f"--{c}" for c in close)))
     if len(hints) == 1:
         return f"did you mean {hints[0][1]}?"
     return "; ".join(f"{token}: did you mean {close}?" for token, close in hints)
