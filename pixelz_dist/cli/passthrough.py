@@ -15,8 +15,9 @@ TRAIN_MODEL_OPTIONS = (
                                                   "snapshots, not even a final one, and no resume, with a warning; "
                                                   "demo default: DEMO_DIR/snapshots/demo)")),
     ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
-                                                      "twice per epoch), in iterations with --iters (default: only "
-                                                      "the final snapshot; demo default: every epoch, or every 10 "
+                                                      "twice per epoch), in iterations with --iters (default: no "
+                                                      "periodic snapshot, only the final one and those of a "
+                                                      "preemption or Ctrl-C; demo default: every epoch, or every 10 "
                                                       "iterations with --iters)")),
     ("--keep-last", "keep_last", dict(type=int, default=3, metavar="K", help="keep only the K newest snapshots (an "
                                       "older one goes once a newer one is on disk, so --resume auto always finds "
