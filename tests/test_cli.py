@@ -278,6 +278,14 @@ def test_every_count_is_checked_when_parsing(capsys, command, argv, expected):
     assert expected in usage_error(capsys, ["--demo", *argv], command)
 
 
+def test_what_train_model_would_refuse_is_refused_when_parsing(capsys):
+    """train_model's own check runs on what the command will pass it, in the parse: one line naming the options,
+    before the model, the data or any file is made."""
+    err = usage_error(capsys, ["--model", "m:f", "--dataset", "d:f", "--iters", "3", "--snapshot-interval", "1"])
+    assert err == ("error: --snapshot-interval is set but --snapshot-prefix is not given, so no snapshot would be "
+                   "written; set --snapshot-prefix (e.g. 'runs/exp1/snapshot')")
+
+
 def test_build_scheduler_refuses_a_zero_count_from_python():
     """build_scheduler is public: called with unchecked options it raises ConfigError, not ZeroDivisionError."""
     from pixelz_dist.cli.demo import TinySegNet

@@ -118,8 +118,9 @@ def _as_flags(message: str, names: dict[str, str]) -> str:
     """A library error listing problems (``invalid ... arguments:\n  - batch_size must ...``) as one line that names
     the command-line options (``--batch-size must ...``)."""
     lines = [line.strip().removeprefix("- ") for line in message.splitlines()[1:]] or [message]
-    text = "; ".join(lines)
-    return re.sub(r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b", lambda m: names[m.group(1)], text)
+    text = re.sub(r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b", lambda m: names[m.group(1)],
+                  "; ".join(lines))
+    return re.sub(r"(--[a-z-]+) is None", r"\1 is not given", text)  # an option left out, not a Python None
 
 
 def _check_as_train_model(v: dict) -> None:
