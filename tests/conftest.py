@@ -46,3 +46,42 @@ LONGEST_FIRST = ("test_distributed.py", "test_failures.py", "test_multinode.py",
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: order in a file kept
+
+
+# Opt-in CPU profile of the suite: `PIXELZ_TEST_CPU_PROFILE=/tmp/prof.jsonl pytest ...` appends one JSON line per test
+# (setup, call and teardown together, so a module fixture's run is charged to the first test that uses it): wall time,
+# the pytest process's own CPU, the CPU of the child processes it reaped (a torchrun job's workers included, since
+# torchrun reaps them; SLURM jobs run under slurmd and are not counted) and how many processes it started. CPU is the
+# figure to compare between runs: unlike wall time it hardly moves when the machine is shared.
+# Summary: python -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(sum(x['cpu'] for x in r))"
+CPU_PROFILE = os.environ.get("PIXELZ_TEST_CPU_PROFILE")
+_started = [0]
+
+if CPU_PROFILE:
+    import json
+    import resource
+    import time
+
+    _popen_init = subprocess.Popen.__init__
+
+    def _counting_popen_init(self, *args, **kwargs):
+        _started[0] += 1
+        _popen_init(self, *args, **kwargs)
+
+    subprocess.Popen.__init__ = _counting_popen_init
+
+    def _cpu() -> tuple[float, float]:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        wall, (own, children), started = time.monotonic(), _cpu(), _started[0]
+        yield
+        own2, children2 = _cpu()
+        row = {"test": item.nodeid, "file": os.path.basename(str(item.fspath)),
+               "wall": round(time.monotonic() - wall, 3), "own": round(own2 - own, 3),
+               "children": round(children2 - children, 3), "cpu": round(own2 - own + children2 - children, 3),
+               "processes": _started[0] - started}
+        with open(CPU_PROFILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
