@@ -6,7 +6,16 @@ import sys
 
 import pytest
 
-from pixelz_dist.cli.demo import make_demo_dataset
+# One intra-op thread in the test processes and in every process they start (before torch is imported below). Two
+# test files run at a time on 2 cores: a second thread per process only waits for a core at each parallel region, and
+# spins meanwhile (measured: the in-process unit tests take 40% less CPU and half the wall time with one thread).
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+from pixelz_dist.cli.demo import make_demo_dataset  # noqa: E402
+
+torch.set_num_threads(1)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -76,10 +85,11 @@ if CPU_PROFILE:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
-        wall, (own, children), started = time.monotonic(), _cpu(), _started[0]
+        start, wall, (own, children), started = time.time(), time.monotonic(), _cpu(), _started[0]
         yield
         own2, children2 = _cpu()
         row = {"test": item.nodeid, "file": os.path.basename(str(item.fspath)),
+               "worker": os.environ.get("PYTEST_XDIST_WORKER", ""), "start": round(start, 3),
                "wall": round(time.monotonic() - wall, 3), "own": round(own2 - own, 3),
                "children": round(children2 - children, 3), "cpu": round(own2 - own + children2 - children, 3),
                "processes": _started[0] - started}

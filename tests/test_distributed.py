@@ -5,6 +5,7 @@ Few and strong: each test starts real jobs, kills or signals real processes, and
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -327,15 +328,17 @@ def test_a_bad_file_in_rank_1s_shard_is_reported_once_with_its_rank(tmp_path, on
         assert "005.jpg" in errors[0]
 
 
-def test_a_warning_of_every_rank_is_shown_once_naming_the_ranks(tmp_path):
-    prefix = str(tmp_path / "s")
-    first = torchrun({"num_iters": 4, "interval": 2, "prefix": prefix})
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = torchrun({"num_iters": 6, "iter_size": 2, "prefix": prefix, "resume": "auto"})
+def test_a_warning_of_every_rank_is_shown_once_naming_the_ranks(tmp_path, straight_demo_run):
+    """The module's reference run's snapshot at iteration 4 (iter_size 2), resumed with iter_size 1 (no new job to
+    write a snapshot first)."""
+    cfg, reference = straight_demo_run
+    shutil.copy(f"{reference}_iter_4.pt", tmp_path / "s_iter_4.pt")
+    resumed = torchrun({**cfg, "num_iters": 6, "iter_size": 1, "workers": 0, "prefix": str(tmp_path / "s"),
+                        "resume": "auto"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resuming with iter_size 1 -> 2" in line]
+    said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resuming with iter_size 2 -> 1" in line]
     assert len(said) == 1, said  # logged by both ranks, shown once
-    assert "WARNING [ranks 0,1] resuming with iter_size 1 -> 2: the data position is kept" in said[0]
+    assert "WARNING [ranks 0,1] resuming with iter_size 2 -> 1: the data position is kept" in said[0]
 
 
 # -- the seed's calling convention ----------------------------------------------------------------------------------
