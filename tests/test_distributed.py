@@ -140,18 +140,29 @@ def test_ranks_agree_on_requests_without_a_blocking_collective_per_step(tmp_path
         assert rank["collectives"][1:] == [[0, 1]] * 11, rank["collectives"]
 
 
+@pytest.fixture(scope="module")
+def stop_runs(tmp_path_factory):
+    """Both ways of asking for a stop at iteration 5, one after the other in one torchrun job (fresh models, process
+    groups and prefixes): ``{on_every_rank: (its folder, the job's output)}``."""
+    root = tmp_path_factory.mktemp("stops")
+    runs = []
+    for on_every_rank in (False, True):
+        (root / str(on_every_rank) / "out").mkdir(parents=True)
+        runs.append({"out": str(root / str(on_every_rank) / "out"), "prefix": str(root / str(on_every_rank) / "s"),
+                     "stop_rank": "all" if on_every_rank else 1, "stop_on_every_rank": on_every_rank})
+    proc = torchrun({"num_iters": 40, "stop_at": 5, "runs": runs})
+    assert proc.returncode == 0, proc.stderr
+    return {on_every_rank: (root / str(on_every_rank), proc.stderr) for on_every_rank in (False, True)}
+
+
 @pytest.mark.parametrize("on_every_rank,expected", [(False, 6), (True, 5)])
-def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, on_every_rank, expected):
+def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_iteration(stop_runs, on_every_rank, expected):
     """Asked on rank 1 alone at iteration 5: both ranks stop after iteration 6 (agreed one step late). Asked on
     every rank alike (on_every_rank=True): after iteration 5, with no agreement."""
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = torchrun({"num_iters": 40, "out": str(out), "prefix": str(tmp_path / "s"), "stop_at": 5,
-                     "stop_rank": "all" if on_every_rank else 1, "stop_on_every_rank": on_every_rank})
-    assert proc.returncode == 0, proc.stderr
-    assert [r["stopped_at"] for r in records(out, 2)] == [expected, expected]
-    assert [it for it, _ in list_snapshots(str(tmp_path / "s"))] == [expected]
-    assert f"stopped at iteration {expected}: " in proc.stderr
+    folder, stderr = stop_runs[on_every_rank]
+    assert [r["stopped_at"] for r in records(folder / "out", 2)] == [expected, expected]
+    assert [it for it, _ in list_snapshots(str(folder / "s"))] == [expected]
+    assert f"stopped at iteration {expected}: " in stderr
 
 
 # -- resume: same world size, elastic restart ---------------------------------------------------------------------
@@ -193,18 +204,38 @@ def test_elastic_restart_continues_from_the_newest_snapshot(tmp_path, straight_d
 
 
 # -- resume with another world size -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world_size_changes(tmp_path_factory):
+    """48 samples, global batch 8: 3 iterations (24 samples), then resumed to 6 with another world size, both ways
+    (2 -> 1 and 1 -> 2). The two runs of 2 processes go in one torchrun job (one start-up less):
+    ``{(first, second): (prefix, samples seen by the first run, by the second)}``."""
+    root = tmp_path_factory.mktemp("world_size")
+
+    def cfg(first, second, n):
+        nproc, iters, resume = [(first, 3, None), (second, 6, "auto")][n]
+        out = root / f"{first}-{second}" / f"run{n}"
+        out.mkdir(parents=True)
+        return {"prefix": str(root / f"{first}-{second}" / "s"), "num_iters": iters, "batch_size": 8 // nproc,
+                "out": str(out), "resume": resume}
+
+    one_first = python_job(cfg(1, 2, 0))
+    assert one_first.returncode == 0, one_first.stderr
+    two = torchrun({"runs": [cfg(2, 1, 0), cfg(1, 2, 1)]})
+    assert two.returncode == 0, two.stderr
+    one_second = python_job(cfg(2, 1, 1))
+    assert one_second.returncode == 0, one_second.stderr
+    found = {}
+    for first, second in ((2, 1), (1, 2)):
+        folder = root / f"{first}-{second}"
+        found[first, second] = (str(folder / "s"), *[[i for r in records(folder / f"run{n}", nproc) for i in r["seen"]]
+                                                    for n, nproc in enumerate((first, second))])
+    return found
+
+
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_world_size_change_continues_the_epoch_without_repeating_or_skipping(tmp_path, first, second):
+def test_world_size_change_continues_the_epoch_without_repeating_or_skipping(world_size_changes, first, second):
     """48 samples, global batch 8: stop after 3 iterations (24 samples), resume with another world size."""
-    prefix = str(tmp_path / "s")
-    runs = []
-    for n, (nproc, iters, resume) in enumerate([(first, 3, None), (second, 6, "auto")]):
-        out = tmp_path / f"run{n}"
-        out.mkdir()
-        cfg = {"prefix": prefix, "num_iters": iters, "batch_size": 8 // nproc, "out": str(out), "resume": resume}
-        proc = torchrun(cfg, nproc=nproc) if nproc > 1 else python_job(cfg)
-        assert proc.returncode == 0, proc.stderr
-        runs.append([i for r in records(out, nproc) for i in r["seen"]])
+    prefix, *runs = world_size_changes[first, second]
     assert len(runs[0]) == 24 and len(runs[1]) == 24
     assert sorted(runs[0] + runs[1]) == list(range(48))  # the epoch, each sample exactly once
     assert sorted(read_order_record(prefix)) == list(range(1, 7))
