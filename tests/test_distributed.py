@@ -22,6 +22,7 @@ from test_failures import image_folders
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch, beside python
 JOB = os.path.join(TESTS, "jobs", "dist_job.py")
+SIGTERM_CFG = dict(num_iters=30, iter_size=2, batch_size=2, dropout=0.2, workers=1)  # its run and its reference's
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -125,41 +126,48 @@ def test_train_model_called_three_times_in_one_torchrun_job(tmp_path):
     assert proc.stderr.count("training MLP on cpu, 2 processes") == 3
 
 
-def test_ranks_agree_on_requests_without_a_blocking_collective_per_step(tmp_path):
+def test_ranks_agree_on_requests_without_a_blocking_collective_per_step(shared_runs):
     """The stop / snapshot / preemption flags travel in one asynchronous all-reduce per step, read one step later:
     in steady state (no log line, no snapshot due) no rank waits on a collective. Before, each step made a
     blocking all_reduce + tolist(), a device sync per step with nccl."""
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = torchrun({"num_iters": 12, "out": str(out), "display_iter": 100, "count_collectives": True,
-                     "prefix": str(tmp_path / "s")})
-    assert proc.returncode == 0, proc.stderr
-    for rank in records(out, 2):
+    folder, _ = shared_runs["collectives"]
+    for rank in records(folder / "out", 2):
         # iteration i's counts cover its own step and the requests settled after iteration i - 1
         assert rank["collectives"][0] == [0, 0]
         assert rank["collectives"][1:] == [[0, 1]] * 11, rank["collectives"]
 
 
 @pytest.fixture(scope="module")
-def stop_runs(tmp_path_factory):
-    """Both ways of asking for a stop at iteration 5, one after the other in one torchrun job (fresh models, process
-    groups and prefixes): ``{on_every_rank: (its folder, the job's output)}``."""
-    root = tmp_path_factory.mktemp("stops")
+def shared_runs(tmp_path_factory):
+    """Runs of 2 processes that tests only read, one after the other in ONE torchrun job (``runs``: a fresh model,
+    process group and prefix each; torch's start-up, ~10 s of CPU a job, paid once): ``{name: (folder, the job's
+    output)}``, each folder with ``s`` (the prefix) and ``out`` (the per-rank records). ``stop_False`` and
+    ``stop_True``: a stop asked at iteration 5 on rank 1 alone / on every rank; ``sigterm_reference`` and
+    ``multigpu_reference``: the uninterrupted runs of those tests; ``collectives`` (last: its counting wrapper of
+    all_reduce stays in place) counts the collectives per iteration."""
+    root = tmp_path_factory.mktemp("shared")
+    configs = {
+        **{f"stop_{on_every_rank}": {"num_iters": 40, "stop_at": 5, "stop_rank": "all" if on_every_rank else 1,
+                                     "stop_on_every_rank": on_every_rank} for on_every_rank in (False, True)},
+        "sigterm_reference": SIGTERM_CFG,
+        "multigpu_reference": {"num_iters": 6, "iter_size": 2, "batch_size": 2},
+        "collectives": {"num_iters": 12, "display_iter": 100, "count_collectives": True},
+    }
     runs = []
-    for on_every_rank in (False, True):
-        (root / str(on_every_rank) / "out").mkdir(parents=True)
-        runs.append({"out": str(root / str(on_every_rank) / "out"), "prefix": str(root / str(on_every_rank) / "s"),
-                     "stop_rank": "all" if on_every_rank else 1, "stop_on_every_rank": on_every_rank})
-    proc = torchrun({"num_iters": 40, "stop_at": 5, "runs": runs})
+    for name, cfg in configs.items():
+        (root / name / "out").mkdir(parents=True)
+        runs.append({**cfg, "out": str(root / name / "out"), "prefix": str(root / name / "s")})
+    proc = torchrun({"runs": runs})
     assert proc.returncode == 0, proc.stderr
-    return {on_every_rank: (root / str(on_every_rank), proc.stderr) for on_every_rank in (False, True)}
+    return {name: (root / name, proc.stderr) for name in configs}
 
 
 @pytest.mark.parametrize("on_every_rank,expected", [(False, 6), (True, 5)])
-def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_iteration(stop_runs, on_every_rank, expected):
+def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_iteration(shared_runs, on_every_rank,
+                                                                             expected):
     """Asked on rank 1 alone at iteration 5: both ranks stop after iteration 6 (agreed one step late). Asked on
     every rank alike (on_every_rank=True): after iteration 5, with no agreement."""
-    folder, stderr = stop_runs[on_every_rank]
+    folder, stderr = shared_runs[f"stop_{on_every_rank}"]
     assert [r["stopped_at"] for r in records(folder / "out", 2)] == [expected, expected]
     assert [it for it, _ in list_snapshots(str(folder / "s"))] == [expected]
     assert f"stopped at iteration {expected}: " in stderr
@@ -250,10 +258,9 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.1)
 
 
-def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path):
-    cfg = dict(num_iters=30, iter_size=2, batch_size=2, dropout=0.2, workers=1)
-    ref = torchrun({**cfg, "prefix": str(tmp_path / "ref" / "s")})
-    assert ref.returncode == 0, ref.stderr
+def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path, shared_runs):
+    cfg = SIGTERM_CFG
+    reference, _ = shared_runs["sigterm_reference"]  # the uninterrupted run
     prefix = str(tmp_path / "s")
     out = tmp_path / "out"
     out.mkdir()
@@ -270,7 +277,7 @@ def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path
     assert 3 <= stopped_at < 30
     resumed = torchrun({**cfg, "prefix": prefix, "resume": "auto"})
     assert resumed.returncode == 0, resumed.stderr
-    assert_bitwise_equal(final(str(tmp_path / "ref" / "s")), final(prefix))  # dropout included
+    assert_bitwise_equal(final(str(reference / "s")), final(prefix))  # dropout included
 
 
 def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path):
@@ -381,17 +388,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_train_model_multigpu_from_plain_python_equals_torchrun(tmp_path):
+def test_train_model_multigpu_from_plain_python_equals_torchrun(tmp_path, shared_runs):
     """RANK = node rank, WORLD_SIZE = nodes: it starts 2 gloo workers itself and returns the trained model."""
     launched = subprocess.run(
         [sys.executable, os.path.join(TESTS, "jobs", "multigpu_job.py"),
          json.dumps({"port": free_port(), "prefix": str(tmp_path / "m" / "s"), "out": str(tmp_path / "weights.pt")})],
         env={**job_env(), "PYTHONPATH": os.path.join(TESTS, "jobs")}, capture_output=True, text=True, timeout=180)
     assert launched.returncode == 0, launched.stderr
-    ref = torchrun({"prefix": str(tmp_path / "t" / "s"), "num_iters": 6, "iter_size": 2, "batch_size": 2})
-    assert ref.returncode == 0, ref.stderr
+    reference, _ = shared_runs["multigpu_reference"]  # torchrun: 2 processes, 6 iterations, iter_size 2, batch 2
     returned = torch.load(tmp_path / "weights.pt", weights_only=True)
-    for k, v in final(str(tmp_path / "t" / "s"))["model"].items():
+    for k, v in final(str(reference / "s"))["model"].items():
         assert torch.equal(returned[k], v), k
 
 
