@@ -44,7 +44,8 @@ def run_script(name, tmp_path, **env):
     environ.update(PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1", **env)
     prefix = str(tmp_path / "snap")
     proc = subprocess.run([os.path.join(LAUNCH, name), "--demo", "--demo-dir", str(tmp_path / "demo"),
-                           "--demo-samples", "32", "--iters", "4", "--workers", "0", "--snapshot-prefix", prefix],
+                           "--demo-samples", "32", "--iters", "4", "--workers", "0", "--snapshot-prefix", prefix,
+                           "--no-curves"],
                           env=environ, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "2 processes" in proc.stderr
@@ -95,7 +96,8 @@ def test_torchrun_script_forwards_sigusr2_to_the_trainers(tmp_path):
     with open(log, "w") as out:  # a file, not a pipe: orphaned trainers (the bug) would hold a pipe open
         proc = subprocess.Popen([os.path.join(LAUNCH, "torchrun_single_node.sh"), "--demo", "--demo-dir",
                                  str(tmp_path / "demo"), "--demo-samples", "32", "--iters", "100000", "--workers",
-                                 "0", "--batch-size", "2", "--display-iter", "5", "--snapshot-prefix", prefix],
+                                 "0", "--batch-size", "2", "--display-iter", "5", "--snapshot-prefix", prefix,
+                                 "--no-curves"],
                                 env=environ, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
