@@ -5,16 +5,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-# One intra-op thread in the test processes and in every process they start (before torch is imported below). Two
-# test files run at a time on 2 cores: a second thread per process only waits for a core at each parallel region, and
-# spins meanwhile (measured: the in-process unit tests take 40% less CPU and half the wall time with one thread).
-os.environ["OMP_NUM_THREADS"] = "1"
+from pixelz_dist.cli.demo import make_demo_dataset
 
-import torch  # noqa: E402
-
-from pixelz_dist.cli.demo import make_demo_dataset  # noqa: E402
-
+# One intra-op thread in the test processes (the processes they start set OMP_NUM_THREADS=1 themselves). Two test
+# files run at a time on 2 cores: a second thread per process only waits for a core at each parallel region, and spins
+# meanwhile (measured: the in-process unit tests take 40% less CPU and half the wall time with one thread). Not
+# OMP_NUM_THREADS in os.environ: GNU nproc honours it, and the local SLURM cluster sizes its node with nproc (a node
+# of 1 CPU never starts test_slurm's jobs of --cpus-per-task=2).
 torch.set_num_threads(1)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
