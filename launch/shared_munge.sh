@@ -24,7 +24,7 @@ munge_start() {  # DIR: the cluster's folder
         if ! munge_answers; then  # no systemd here: create its folders and start it as the munge user
             install -d -o munge -g munge -m 0755 /run/munge
             install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
-            runuser -u munge -- munged
+            runuser -u munge -- munged 9>&-  # the daemon must not hold the lock (fd 9) for its lifetime
             touch "$MUNGE_USERS/.started"
             for _ in $(seq 50); do munge_answers && break; sleep 0.1; done
         fi
