@@ -11,7 +11,7 @@ from .callbacks.base import Callback
 from .checkpoint.order_record import compare_order_records
 from .data.images import fast_img_loader, set_jpeg_backend
 from .data.multi_images import MultiImgsDataset
-from .distributed.preemption import PREEMPTION_EXIT_CODE, Preempted
+from .distributed.preemption import PREEMPTION_EXIT_CODE, Interrupted, Preempted
 from .engine.ema import ema_model, ema_state_dict
 from .engine.multigpu import train_model_multigpu
 from .engine.param_groups import make_param_groups
@@ -35,7 +35,8 @@ _moved.install()
 
 __all__ = ["train_model", "evaluate_model", "train_model_multigpu", "find_lr", "find_lr_multigpu", "LRFinderResult",
            "make_param_groups", "MultiImgsDataset", "fast_img_loader", "set_jpeg_backend",
-           "Callback", "TrainState", "compare_order_records", "Preempted", "PREEMPTION_EXIT_CODE",
+           "Callback", "TrainState", "compare_order_records", "Preempted", "Interrupted",
+           "PREEMPTION_EXIT_CODE",
            "PixelzError", "ConfigError", "DataError", "SnapshotError", "NondeterministicOp", "WorkerDied",
            "WORKER_DIED_EXIT_CODE", "__version__"]
 __all__ += ["ema_model", "ema_state_dict"]  # the moving average of the weights (train_model(..., ema=DECAY))

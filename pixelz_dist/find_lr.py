@@ -48,13 +48,8 @@ def main(argv=None) -> int:
         stem = opts.result_file[:-4] if opts.result_file.endswith(".npz") else opts.result_file
         saver = ConfigSaver(f"{stem}_config.toml", cli.config_values(opts),
                             "python -m pixelz_dist.find_lr --config THIS_FILE repeats the search")
-        model = find_lr(model, optimizer, dataset, opts.batch_size, shuffle=opts.shuffle, iter_size=opts.iter_size,
-                        load_snapshot_path=opts.resume, restore_dataloader=opts.restore_dataloader,
-                        min_lr=opts.min_lr, max_lr=opts.max_lr, iter_per_run=opts.iter_per_run,
-                        num_runs=opts.num_runs, result_file=opts.result_file, method=opts.method,
-                        num_iters=opts.num_iters, divergence_factor=opts.divergence_factor,
-                        stop_on_divergence=opts.stop_on_divergence, seed=opts.seed, num_workers=opts.workers,
-                        callbacks=[saver], train_kwargs=cli.step_options(opts))
+        model = find_lr(model, optimizer, dataset, callbacks=[saver], train_kwargs=cli.step_options(opts),
+                        **cli.keywords(opts, cli.FIND_LR_ARGUMENTS))
     except PixelzError as e:
         return cli.report_error(e)
     except KeyboardInterrupt:  # the finder's runs are short: Ctrl-C ends it (an Interrupted one is a KeyboardInterrupt)

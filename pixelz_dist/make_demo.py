@@ -18,13 +18,19 @@ from .errors import ConfigError
 from .log import ensure_handler
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser (also read by :mod:`pixelz_dist.cli.reference` for the docs)."""
     parser = argparse.ArgumentParser(prog="python -m pixelz_dist.make_demo", description=__doc__.split("\n")[0])
     parser.add_argument("root", help="folder to write into (created)")
     parser.add_argument("--train", type=int, default=160, help="training samples (default: %(default)s)")
     parser.add_argument("--val", type=int, default=40, help="validation samples (default: %(default)s)")
     parser.add_argument("--size", type=int, default=48, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the pictures drawn (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     ensure_handler()
     try:

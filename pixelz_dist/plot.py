@@ -23,12 +23,18 @@ from .callbacks.plot_curves import DEFAULT_SMOOTHING, plot_curves
 from .errors import PixelzError
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser (also read by :mod:`pixelz_dist.cli.reference` for the docs)."""
     parser = argparse.ArgumentParser(prog="python -m pixelz_dist.plot", description=__doc__.split("\n")[0])
     parser.add_argument("prefix", help="the run's snapshot prefix (or log_prefix), or its *_metrics.jsonl")
     parser.add_argument("--out", metavar="PNG", help="the image written (default: PREFIX_curves.png)")
     parser.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
                         help="EMA weight of the smoothed loss, in [0, 1): TensorBoard's slider (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         path = plot_curves(args.prefix, args.out, args.smoothing)

@@ -76,12 +76,9 @@ def main(argv=None) -> int:
             from .callbacks.plot_curves import PlotCurves
 
             callbacks.append(PlotCurves())
-        passed = {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in cli.TRAIN_MODEL_OPTIONS}
-        train_model(model, optimizer, scheduler, dataset, opts.batch_size, shuffle=opts.shuffle,
-                    num_iters=opts.iters, num_epochs=opts.epochs, iter_size=opts.iter_size,
-                    load_snapshot_path=opts.resume, schedule_on_iter=opts.schedule_on_iter, seed=opts.seed,
-                    num_workers=opts.workers, callbacks=callbacks, **passed, **cli.step_options(opts),
-                    **cli.schedule_and_ema_options(opts))
+        train_model(model, optimizer, scheduler, dataset, callbacks=callbacks,
+                    **cli.keywords(opts, cli.TRAIN_MODEL_ARGUMENTS + cli.TRAIN_MODEL_OPTIONS),
+                    **cli.step_options(opts), **cli.schedule_and_ema_options(opts))
     except PixelzError as e:
         return cli.report_error(e)
     except Interrupted as e:

@@ -18,10 +18,16 @@ from .checkpoint.order_record import compare_order_records
 from .errors import DataError
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser (also read by :mod:`pixelz_dist.cli.reference` for the docs)."""
     parser = argparse.ArgumentParser(prog="python -m pixelz_dist.verify", description=__doc__.split("\n")[0])
     parser.add_argument("first", help="order record (*_order.tsv) or snapshot prefix of the first run")
     parser.add_argument("second", help="the same for the second run")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = compare_order_records(args.first, args.second)

@@ -45,9 +45,25 @@ def params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_side_stream_prefetch_gives_the_same_weights_as_plain_copies(demo_root):
+def test_side_stream_prefetch_gives_the_same_weights_as_plain_copies(demo_root, monkeypatch):
+    """The batches are copied on a side stream with prefetch (on the compute stream without), and the weights are the
+    same: equal weights alone would also pass with the side stream switched off."""
+    from pixelz_dist.data import device_feed
+
+    streams = []
+    real = device_feed.to_device
+
+    def recording_to_device(batch, device, channels_last=False):
+        streams.append(torch.cuda.current_stream(device))  # the stream this copy is queued on
+        return real(batch, device, channels_last)
+
+    monkeypatch.setattr(device_feed, "to_device", recording_to_device)
+    compute = torch.cuda.current_stream()
     with_prefetch = params(demo_run(demo_root, prefetch=True))
+    side, streams[:] = list(streams), []
     without = params(demo_run(demo_root, prefetch=False))
+    assert side and all(s != compute for s in side), "prefetch=True: the copies were meant to run on a side stream"
+    assert streams and all(s == compute for s in streams)
     for p, q in zip(with_prefetch, without):
         assert torch.equal(p, q)
 

@@ -93,3 +93,21 @@ def test_every_rank_logs_everything_at_once_when_asked(store):
     info = record("progress")
     info.levelno = logging.INFO
     assert loud.filter(info) is True and info.getMessage() == "[rank 2] progress"
+
+
+@pytest.mark.parametrize("all_ranks, level", [(None, logging.WARNING), ("1", logging.INFO)])
+def test_the_command_lines_rank_1_logs_info_only_when_every_ranks_lines_are_asked_for(monkeypatch, all_ranks, level):
+    """The entry points quiet ranks other than 0 to warnings, except under PIXELZ_LOG_ALL_RANKS=1 ("INFO too")."""
+    from pixelz_dist.cli.options import setup_logging
+
+    library = logging.getLogger("pixelz_dist")
+    monkeypatch.setattr(library, "level", library.level)  # restored after the test
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    if all_ranks is None:
+        monkeypatch.delenv("PIXELZ_LOG_ALL_RANKS", raising=False)
+    else:
+        monkeypatch.setenv("PIXELZ_LOG_ALL_RANKS", all_ranks)
+    library.setLevel(logging.INFO)
+    setup_logging()
+    assert library.level == level

@@ -2,7 +2,8 @@
 with its own address, hostname, hosts file and slurmd.
 
 Needs root, iproute2, util-linux and Debian's slurmctld, slurmd, slurm-client and munge packages; skipped with the
-reason elsewhere, and failed instead when PIXELZ_REQUIRE_MULTINODE=1 (set by .ci/run where `ip netns add` works).
+reason elsewhere, and failed instead when PIXELZ_REQUIRE_MULTINODE=1 (set by .ci/run in CI as root, and elsewhere where
+`ip netns add` works).
 One cluster serves the whole module. Every run is compared with ``torch.equal`` against an uninterrupted run on one
 node with the same global batch (2 gloo processes on the CPU).
 """
@@ -62,7 +63,7 @@ def _netns_mounted() -> bool:
 
 def _skip_or_fail():
     reason = _missing()
-    if reason and os.environ.get("PIXELZ_REQUIRE_MULTINODE") == "1":  # set by .ci/run where namespaces work
+    if reason and os.environ.get("PIXELZ_REQUIRE_MULTINODE") == "1":  # .ci/run: in CI as root, or namespaces work
         pytest.fail(f"PIXELZ_REQUIRE_MULTINODE=1 but {reason}")
     if reason:
         pytest.skip(reason)

@@ -145,7 +145,7 @@ def test_find_lr_job_prints_a_suggestion(slurm, tmp_path):
     code = wait_job(slurm, job_id, out)
     log = out.read_text()
     assert code in (0, 1), log  # 1: the finder had no suggestion (a short search)
-    assert "suggested lr: " in log or "no suggestion: " in log
+    assert ("suggested lr: " in log, "no suggestion: " in log) == (code == 0, code == 1), log
     assert (tmp_path / "demo" / "lr_finder" / "results.npz").exists()
 
 

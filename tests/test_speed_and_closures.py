@@ -77,9 +77,40 @@ def test_to_device_leaves_integer_and_3d_tensors_alone():
 
 def test_device_feed_on_cpu_passes_batches_through_in_order():
     batches = [(torch.full((2, 3, 2, 2), float(i)),) for i in range(5)]
-    assert DeviceFeed(torch.device("cpu")).feed(iter(batches)) is not None
+    untouched = iter(batches)
+    assert DeviceFeed(torch.device("cpu")).feed(untouched) is untouched  # nothing to copy: the loader's own iterator
     fed = list(DeviceFeed(torch.device("cpu"), channels_last=True).feed(iter(batches)))
     assert [b[0][0, 0, 0, 0].item() for b in fed] == [0, 1, 2, 3, 4]
+
+
+def test_a_cuda_feed_copies_ahead_on_a_stream_of_its_own_unless_prefetch_is_off(monkeypatch):
+    """Which copy path is chosen, without a GPU: torch.cuda.Stream (which needs one) is replaced by a stand-in, the
+    choice itself is the library's. tests/test_gpu.py checks on a GPU that the copies really run on that stream."""
+    import pixelz_dist.engine.loop as loop_module
+
+    class StandInStream:
+        def __init__(self, device):
+            self.device = device
+
+    monkeypatch.setattr(torch.cuda, "Stream", StandInStream)
+    cuda = torch.device("cuda", 0)
+    ahead = DeviceFeed(cuda)
+    assert isinstance(ahead.stream, StandInStream) and ahead.stream.device == cuda
+    assert ahead.feed(iter([])).__name__ == "_ahead"  # the side-stream path (a generator, not run here)
+    assert DeviceFeed(cuda, ahead=False).stream is None
+    assert DeviceFeed(torch.device("cpu"), channels_last=True).stream is None
+    # and train_model hands prefetch= to the feed
+    asked = []
+
+    class RecordingFeed(DeviceFeed):
+        def __init__(self, device, channels_last=False, ahead=True):
+            asked.append(ahead)
+            super().__init__(device, channels_last, ahead)
+
+    monkeypatch.setattr(loop_module, "DeviceFeed", RecordingFeed)
+    run(ConvNet(), n=1)
+    run(ConvNet(), n=1, prefetch=False)
+    assert asked == [True, False]
 
 
 @pytest.mark.slow

@@ -244,7 +244,10 @@ def split_run(request, tmp_path_factory):
     for folder in runs.values():
         folder.mkdir()
     cfg = {"data": request.param, "num_iters": 12, "interval": 4}
-    straight = loader_job({**cfg, "prefix": str(runs["straight"] / "s"), "out": str(runs["straight"])})
+    more = {}
+    if request.param == "map":  # the same processes then train DataLoader(sampler=DistributedSampler): see below
+        more = {"runs": [{}, *sampler_runs(root / "sampler")]}
+    straight = loader_job({**cfg, "prefix": str(runs["straight"] / "s"), "out": str(runs["straight"]), **more})
     assert straight.returncode == 0, straight.stderr
     prefix = str(root / "s")
     killed = loader_job({**cfg, "prefix": prefix, "out": str(runs["killed"]), "kill_at": 6})
@@ -252,6 +255,34 @@ def split_run(request, tmp_path_factory):
     resumed = loader_job({**cfg, "prefix": prefix, "out": str(runs["resumed"]), "resume": "auto"})
     assert resumed.returncode == 0, resumed.stderr
     return request.param, runs, prefix
+
+
+def sampler_runs(folder) -> list[dict]:
+    """Runs of loader_job's "sampler" data (8 records per rank and epoch, batch 1): 12 iterations straight; 6 (a final
+    snapshot mid-epoch); resumed from it to 12. Carried by split_run's "map" job: no torchrun start of their own (a
+    resume in the same processes starts from the same state as in new ones: the job seeds each run alike)."""
+    folder.mkdir()
+    base = {"data": "sampler", "out": str(folder), "interval": None}
+    return [{**base, "prefix": str(folder / "a"), "tag": "_straight"},
+            {**base, "prefix": str(folder / "b"), "tag": "_first", "num_iters": 6},
+            {**base, "prefix": str(folder / "b"), "tag": "_resumed", "resume": "auto"}]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("split_run", ["map"], indirect=True)
+def test_a_distributed_sampler_loader_resumed_mid_epoch_trains_what_the_uninterrupted_run_did(split_run):
+    """DataLoader(sampler=DistributedSampler(shuffle=True)) under torchrun: each rank's records after a mid-epoch resume
+    are those of the uninterrupted run, and epoch 1 is shuffled anew (train_model calls the sampler's set_epoch)."""
+    _, _, prefix = split_run
+    folder = os.path.join(os.path.dirname(prefix), "sampler")
+    assert [d["position"] for d in load_snapshot(os.path.join(folder, "b_iter_6.pt"))["data"]] == [6, 6]
+    straight = [records(folder, rank, "_straight") for rank in (0, 1)]
+    assert sorted(straight[0][:8] + straight[1][:8]) == list(range(16))  # epoch 0: the ranks' shards tile the data
+    for rank in (0, 1):
+        assert records(folder, rank, "_first") + records(folder, rank, "_resumed") == straight[rank], rank
+        assert straight[rank][8:] != straight[rank][:4], "epoch 1 began in the order of epoch 0"
+    assert [it for it, _ in list_snapshots(os.path.join(folder, "b"))] == [12, 6]
 
 
 @pytest.mark.slow

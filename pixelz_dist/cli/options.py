@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..distributed.env import read_env
@@ -27,9 +28,12 @@ from .imports import parse_assignments
 from .passthrough import (  # noqa: F401 (re-exported: the entry points read them here)
     EMA_OPTIONS,
     EVALUATE_STEP_OPTIONS,
+    FIND_LR_ARGUMENTS,
     SCHEDULE_OPTIONS,
     STEP_OPTIONS,
+    TRAIN_MODEL_ARGUMENTS,
     TRAIN_MODEL_OPTIONS,
+    keywords,
     schedule_and_ema_options,
     step_options,
 )
@@ -277,8 +281,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                    "find_lr": "Find a learning rate for training with pixelz_dist.",
                    "evaluate": "Evaluate the snapshots of a training run (one-shot, or following the run with "
                                "--follow), appending one row per snapshot to PREFIX_eval.jsonl."}[command]
-    epilog = {"train": "Exit codes: 0 done, 2 usage error, 75 preempted (resume with --resume auto)",
-              "find_lr": "Exit codes: 0 a suggestion, 1 no suggestion, 2 usage error",
+    epilog = {"train": "Exit codes: 0 done, 1 a bug (with its traceback), 2 usage error or bad input, 71 a DataLoader "
+                       "worker died (out of memory?), 75 preempted (resume with --resume auto), 130 Ctrl-C",
+              "find_lr": "Exit codes: 0 a suggestion, 1 no suggestion, 2 usage error or bad input, 71 a DataLoader "
+                         "worker died, 130 Ctrl-C",
               "evaluate": "Exit codes: 0 done (with --follow: the run's final snapshot is evaluated), 2 usage error, "
                           "a snapshot that cannot be evaluated, or --timeout reached; 130 Ctrl-C"}[command]
     p = _Parser(prog=COMMANDS[command], description=description, formatter_class=_Formatter, allow_abbrev=False,
@@ -381,7 +387,8 @@ def config_values(opts: argparse.Namespace) -> dict:
 
 
 def setup_logging() -> None:
-    """INFO lines on stderr when nothing else configured logging; ranks other than 0 only warn."""
+    """INFO lines on stderr when nothing else configured logging; ranks other than 0 only warn, unless
+    PIXELZ_LOG_ALL_RANKS=1 asks for every rank's lines (INFO too)."""
     ensure_handler()
-    if not read_env().is_main:
+    if not read_env().is_main and os.environ.get("PIXELZ_LOG_ALL_RANKS") != "1":
         logger.setLevel(logging.WARNING)

@@ -92,12 +92,39 @@ STEP_OPTIONS = (
 # the step options that also apply to a forward pass alone (``python -m pixelz_dist.evaluate``)
 EVALUATE_STEP_OPTIONS = ("--amp",)
 
+# Keywords that the commands set from options defined with their groups in options.py, often under another name
+# (``--iters`` is ``num_iters``): (flag, keyword). With the tables above they are the whole map from options to
+# keywords, which the commands call with and the docs' name map (pixelz_dist.cli.reference) is generated from.
+TRAIN_MODEL_ARGUMENTS = (
+    ("--batch-size", "batch_size"), ("--shuffle", "shuffle"), ("--iters", "num_iters"), ("--epochs", "num_epochs"),
+    ("--iter-size", "iter_size"), ("--resume", "load_snapshot_path"), ("--schedule-on-iter", "schedule_on_iter"),
+    ("--seed", "seed"), ("--workers", "num_workers"),
+)
+FIND_LR_ARGUMENTS = (
+    ("--batch-size", "batch_size"), ("--shuffle", "shuffle"), ("--iter-size", "iter_size"),
+    ("--resume", "load_snapshot_path"), ("--restore-dataloader", "restore_dataloader"), ("--min-lr", "min_lr"),
+    ("--max-lr", "max_lr"), ("--iter-per-run", "iter_per_run"), ("--num-runs", "num_runs"),
+    ("--result-file", "result_file"), ("--method", "method"), ("--num-iters", "num_iters"),
+    ("--divergence-factor", "divergence_factor"), ("--stop-on-divergence", "stop_on_divergence"), ("--seed", "seed"),
+    ("--workers", "num_workers"),
+)
+
+
+def dest(flag: str) -> str:
+    """The option's name in the parsed options and in config files: ``--batch-size`` -> ``batch_size``."""
+    return flag[2:].replace("-", "_")
+
+
+def keywords(opts: argparse.Namespace, table) -> dict:
+    """The options of ``table`` (``(flag, keyword, ...)`` rows) as keyword arguments."""
+    return {row[1]: getattr(opts, dest(row[0])) for row in table}
+
 
 def schedule_and_ema_options(opts: argparse.Namespace) -> dict:
     """The :data:`SCHEDULE_OPTIONS` and :data:`EMA_OPTIONS` as train_model keywords (training only)."""
-    return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in SCHEDULE_OPTIONS + EMA_OPTIONS}
+    return keywords(opts, SCHEDULE_OPTIONS + EMA_OPTIONS)
 
 
 def step_options(opts: argparse.Namespace) -> dict:
     """The :data:`STEP_OPTIONS` as train_model keywords."""
-    return {kw: getattr(opts, flag[2:].replace("-", "_")) for flag, kw, _ in STEP_OPTIONS}
+    return keywords(opts, STEP_OPTIONS)

@@ -139,6 +139,10 @@ class DatasetSource(BatchSource):
         if int(state["position"]) == 0 or not self.restore_position:
             logger.warning("the dataset changed since the snapshot (%s): epoch %d starts on the new list", change,
                            self.epoch)
+        elif int(state["position"]) >= self.num_samples:  # _restore_sampling ended that epoch
+            logger.warning("the dataset changed since the snapshot (%s); allow_changed_data: the snapshot was taken "
+                           "%d samples into epoch %d, past the end of the new list, so that epoch is over; epoch %d "
+                           "starts on the new list", change, int(state["position"]), int(state["epoch"]), self.epoch)
         else:
             logger.warning("the dataset changed since the snapshot (%s); allow_changed_data: epoch %d goes on at "
                            "position %d of the new list (some of its samples are seen twice in this epoch, others "

@@ -14,7 +14,9 @@ that update this one, each trained in turn in the same processes; ``tag`` names 
 - ``"map"``: a map-style dataset through torch's DataLoader, batches of a DistributedSampler's shard in an order of
   the batch sampler's own (a generator seeded per rank: its state differs per rank);
 - ``"batch_sampler"``: a map-style dataset with a batch sampler of its own over a DistributedSampler that yields a
-  different number of batches per rank (``lengths``).
+  different number of batches per rank (``lengths``);
+- ``"sampler"``: a map-style dataset through ``DataLoader(sampler=DistributedSampler(shuffle=True))``, the usual
+  way (the order of each epoch depends on the ``set_epoch`` call train_model makes).
 
 At every snapshot each rank also writes the records it trained on so far to ``out/rank<RANK>_at<ITERATION>.json``
 (what a killed run had trained on up to the snapshot a resume starts from).
@@ -169,6 +171,10 @@ def make_loader(cfg):
         shard = DistributedSampler(dataset, world(), rank(), shuffle=True, seed=3)
         sampler = ShuffledBatches(shard, batch, seed=7 + rank())
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+    if data == "sampler":
+        dataset = Indexed(16)
+        return DataLoader(dataset, batch_size=batch, num_workers=workers,
+                          sampler=DistributedSampler(dataset, world(), rank(), shuffle=True, seed=3))
     if data == "batch_sampler":
         dataset = Indexed(40)
         shard = DistributedSampler(dataset, world(), rank(), shuffle=False)
