@@ -199,29 +199,34 @@ def small(argv: list[str]) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_tutorial_runs_as_written_on_small_demo_data(tmp_path):
+def test_tutorial_runs_as_written_on_small_demo_data(tmp_path, monkeypatch, capsys):
     """make_demo, the torchrun training, its resume, the curves and the evaluation, from docs/tutorial.md. Between
     the training and the resume, the final snapshot is removed (as a kill just before it was written would leave the
-    run): the resumed run then trains the last iterations again and ends with the very same weights and EMA."""
+    run): the resumed run then trains the last iterations again and ends with the very same weights and EMA. The
+    torchrun commands run as processes; the one-process commands run their entry point's main in this process (the
+    same argv, without another interpreter start and torch import)."""
     steps = [c for c in shell_commands(read("docs/tutorial.md")) if entry_point(c) is not None]
     kinds = [(entry_point(c)[0], "--resume" in c) for c in steps]
     assert kinds == [("pixelz_dist.make_demo", False), ("pixelz_dist.train", False), ("pixelz_dist.train", True),
                      ("pixelz_dist.plot", False), ("pixelz_dist.evaluate", False)], kinds
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p))
+    monkeypatch.chdir(tmp_path)
     prefix = tmp_path / "runs" / "seg" / "snap"
 
-    def run(command):
+    def run(command) -> str:
         argv = small(command)
-        if argv[0] == "python":
-            argv = [sys.executable, *argv[1:]]
-        elif argv[0] == "torchrun":
-            argv = [TORCHRUN, *argv[1:]]
-        if "pixelz_dist.make_demo" in argv:
-            argv += ["--train", "16", "--val", "8", "--size", "32"]  # small demo data
-        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stdout}\n{proc.stderr}"
-        return proc
+        if argv[0] == "torchrun":
+            proc = subprocess.run([TORCHRUN, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=240)
+            assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stdout}\n{proc.stderr}"
+            return proc.stderr
+        module, args = entry_point(argv)
+        if module == "pixelz_dist.make_demo":
+            args += ["--train", "16", "--val", "8", "--size", "32"]  # small demo data
+        capsys.readouterr()
+        assert importlib.import_module(module).main(args) == 0, shlex.join(argv)
+        return capsys.readouterr().out
 
     make_demo, train, resume, plot, evaluate = steps
     run(make_demo)
@@ -229,14 +234,14 @@ def test_tutorial_runs_as_written_on_small_demo_data(tmp_path):
     straight = torch.load(f"{prefix}_iter_12.pt", weights_only=True)
     assert straight["meta"]["final"] and "ema" in straight
     os.remove(f"{prefix}_iter_12.pt")
-    out = run(resume)
-    assert "resumed from" in out.stderr and "snap_iter_8.pt" in out.stderr, out.stderr
+    log = run(resume)
+    assert "resumed from" in log and "snap_iter_8.pt" in log, log
     resumed = torch.load(f"{prefix}_iter_12.pt", weights_only=True)
     for part in ("model", "ema"):
         a, b = (s[part] if part == "model" else s[part]["state_dict"] for s in (straight, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert os.path.isfile(f"{prefix}_best.pt") and os.path.isfile(f"{prefix}_config.toml")
-    assert run(plot).stdout.strip().endswith("snap_curves.png")
+    assert run(plot).strip().endswith("snap_curves.png")
     run(evaluate)
     with open(f"{prefix}_eval.jsonl") as f:
         rows = [json.loads(line) for line in f if line.strip()]
