@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     opts = cli.parse("train", argv)
     cli.setup_logging()
     from .cli.build import build_dataset_and_model, build_optimizer, build_scheduler, build_validation, place_model
+    from .cli.checks import train_model_keywords
     from .cli.config import ConfigSaver
     from .distributed.env import read_env
     from .engine.train_model import train_model
@@ -76,9 +77,10 @@ def main(argv=None) -> int:
             from .callbacks.plot_curves import PlotCurves
 
             callbacks.append(PlotCurves())
-        train_model(model, optimizer, scheduler, dataset, callbacks=callbacks,
-                    **cli.keywords(opts, cli.TRAIN_MODEL_ARGUMENTS + cli.TRAIN_MODEL_OPTIONS),
-                    **cli.step_options(opts), **cli.schedule_and_ema_options(opts))
+        if opts.snapshot_prefix and opts.keep_last:
+            logger.info("keeping the %d newest snapshots (--keep-last; 0 keeps every one)", opts.keep_last)
+        # the keywords the parser checked as train_model would (cli.checks): nothing is written before that check
+        train_model(model, optimizer, scheduler, dataset, callbacks=callbacks, **train_model_keywords(vars(opts)))
     except PixelzError as e:
         return cli.report_error(e)
     except Interrupted as e:

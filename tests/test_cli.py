@@ -1,5 +1,6 @@
 """cli.py: parsing, the config file's precedence rules, and every usage error as one line with exit code 2."""
 
+import argparse
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from pixelz_dist.cli import options as cli
 from pixelz_dist.cli.build import build_dataset_and_model, build_optimizer, build_scheduler
-from pixelz_dist.errors import ConfigError
+from pixelz_dist.errors import ConfigError, DataError
 
 
 def usage_error(capsys, argv, command="train") -> str:
@@ -238,3 +239,168 @@ def test_no_option_is_taken_by_torchruns_own_parser(command):
             if s.startswith("--") and s != "--help"]
     taken = {o: [t for t in torchrun if t.startswith(o)] for o in ours if any(t.startswith(o) for t in torchrun)}
     assert not taken, taken
+
+
+# -- counts, close matches, --help, defaults (issue 24: statements that were false when tried) ----------------------
+@pytest.mark.parametrize("scheduler", cli.SCHEDULERS)
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--iter-size", "0"), ("--batch-size", "-2"),
+                                           ("--epochs", "0"), ("--iters", "-1")])
+def test_a_count_below_one_is_a_usage_error_with_every_scheduler(capsys, scheduler, option, value):
+    """`--batch-size 0 --scheduler cosine` was a ZeroDivisionError traceback (exit 1): the scheduler divided the run's
+    length by it before train_model's check ran."""
+    length = [] if option in ("--epochs", "--iters") else ["--epochs", "2"]
+    err = usage_error(capsys, ["--demo", "--scheduler", scheduler, "--step-size", "1", "--milestones", "1",
+                               *length, option, value])
+    assert err == f"error: {option} must be >= 1, got {value}"
+
+
+@pytest.mark.parametrize("command, argv, expected", [
+    ("train", ["--display-iter", "0"], "--display-iter must be >= 1, got 0"),
+    ("train", ["--snapshot-interval", "0"], "--snapshot-interval must be positive, got 0"),
+    ("train", ["--snapshot-interval", "-1", "--workers", "-1"],
+     "--workers must be >= 0, got -1; --snapshot-interval must be positive, got -1"),  # every problem, one line
+    ("train", ["--iters", "5", "--snapshot-interval", "2.5"], "--snapshot-interval counts iterations with --iters"),
+    ("train", ["--demo-samples", "0"], "--demo-samples must be >= 1, got 0"),
+    ("train", ["--keep-last", "-1"], "--keep-last must be >= 0, got -1"),
+    ("train", ["--scheduler", "step", "--step-size", "0"], "--step-size must be >= 1, got 0"),
+    ("train", ["--scheduler", "multistep", "--milestones", "-1"], "--milestones must be >= 0, got -1"),
+    ("train", ["--stop-patience", "0"], "--stop-patience must be >= 1, got 0"),
+    ("train", ["--time-budget", "0"], "--time-budget must be positive, got 0"),
+    ("train", ["--clip-grad-norm", "-1"], "--clip-grad-norm must be positive, got -1"),
+    ("train", ["--warmup-iters", "-1"], "--warmup-iters must be >= 0, got -1"),
+    ("find_lr", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("find_lr", ["--iter-size", "0"], "--iter-size must be >= 1, got 0"),
+    ("find_lr", ["--iter-per-run", "1"], "--iter-per-run must be an integer >= 2"),  # the finder's own check
+    ("find_lr", ["--method", "sweep", "--num-iters", "0"], "--num-iters must be an integer >= 3 for the sweep"),
+    ("evaluate", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_every_count_is_checked_when_parsing(capsys, command, argv, expected):
+    assert expected in usage_error(capsys, ["--demo", *argv], command)
+
+
+def test_what_train_model_would_refuse_is_refused_when_parsing(capsys):
+    """train_model's own check runs on what the command will pass it, in the parse: one line naming the options,
+    before the model, the data or any file is made."""
+    err = usage_error(capsys, ["--model", "m:f", "--dataset", "d:f", "--iters", "3", "--snapshot-interval", "1"])
+    assert err == ("error: --snapshot-interval is set but --snapshot-prefix is not given, so no snapshot would be "
+                   "written; set --snapshot-prefix (e.g. 'runs/exp1/snapshot')")
+
+
+def test_build_scheduler_refuses_a_zero_count_from_python():
+    """build_scheduler is public: called with unchecked options it raises ConfigError, not ZeroDivisionError."""
+    from pixelz_dist.cli.demo import TinySegNet
+
+    o = cli.parse("train", ["--demo", "--epochs", "2", "--scheduler", "cosine", "--iters", "4"][:-2])
+    o.batch_size = 0
+    with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
+        build_scheduler(build_optimizer(TinySegNet(), o), o, num_samples=40, world_size=1)
+    o.batch_size, o.iters, o.epochs = 4, 5, None
+    with pytest.raises(DataError, match="empty"):
+        build_scheduler(build_optimizer(TinySegNet(), o), o, num_samples=0, world_size=1)
+
+
+@pytest.mark.parametrize("command, argv, expected", [
+    ("train", ["--epoch", "3"], "unrecognized arguments: --epoch 3 (did you mean --epochs?)"),
+    ("train", ["--snaphot-interval", "2"], "unrecognized arguments: --snaphot-interval 2 (did you mean "
+                                           "--snapshot-interval"),
+    ("train", ["--snaphot_interval=2"], "(did you mean --snapshot-interval"),
+    ("train", ["--lrr", "1", "--epoch=3"], "(--lrr: did you mean --lr?; --epoch: did you mean --epochs?)"),
+    ("find_lr", ["--num-run", "3"], "(did you mean --num-runs"),
+    ("evaluate", ["--folow"], "(did you mean --follow?)"),
+    ("train", ["--zzzzzz"], "unrecognized arguments: --zzzzzz (see --help)"),
+])
+def test_unknown_options_get_close_matches(capsys, command, argv, expected):
+    """The close matches that config keys had, for command-line typos too (every command of the shared parser)."""
+    assert expected in usage_error(capsys, ["--demo", *argv], command)
+
+
+def test_old_spellings_still_work_beside_the_close_matches(tmp_path):
+    o = cli.parse("train", ["--demo", "--snaphot-prefix", str(tmp_path / "p"), "--snaphost_interval", "2"])
+    assert o.snapshot_prefix == str(tmp_path / "p") and o.snapshot_interval == 2.0
+
+
+#: options whose absence does something the reader must be told (their --help says "default: ...")
+SAYS_WHAT_HAPPENS_WITHOUT = {"demo_dir", "modes", "workers", "momentum", "weight_decay", "snapshot_prefix",
+                             "snapshot_interval", "monitor_mode", "on_nonfinite", "val_batch_size", "result_file",
+                             "timeout", "epochs"}
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_help_shows_the_default_of_every_option(command):
+    """Every option with a default shows it in --help (--optimizer, --min-lr, --max-lr showed none); a switch that is
+    on by default says so; the options in SAYS_WHAT_HAPPENS_WITHOUT say what happens without them."""
+    p = cli.build_parser(command)
+    full = " ".join(p.format_help().split())
+    checked = 0
+    for action in p._actions:
+        if action.dest == "help" or isinstance(action, argparse._StoreTrueAction):
+            continue
+        text = " ".join(p._get_formatter()._get_help_string(action).split())
+        assert action.help, action.option_strings  # argparse prints nothing, not even the default, for help=None
+        default = action.pixelz_default
+        if isinstance(action, argparse.BooleanOptionalAction):
+            assert default is False or "default" in text, (action.option_strings, text)
+        elif default not in (None, {}):
+            assert f"(default: {default})" in text, (action.option_strings, text)
+            checked += 1
+        elif action.dest in SAYS_WHAT_HAPPENS_WITHOUT:
+            assert "default" in text, (action.option_strings, text)
+    assert checked >= 4
+    if command == "train":
+        assert "(default: no snapshots" in full and "--keep-last K keep only the K newest" in full
+        assert "(default: 3)" in " ".join(p._get_formatter()._get_help_string(p._option_string_actions[
+            "--keep-last"]).split())
+
+
+def test_seed_sets_the_initial_weights_of_a_users_model(tmp_path):
+    """--seed's help says it seeds the model's initial weights, a --model factory's too: the same seed, the same
+    weights; another seed, others."""
+    def weights(seed):
+        o = cli.parse("train", ["--model", "pixelz_dist.demo:TinySegNet", "--dataset", "engine_helpers:make_data",
+                                "--iters", "1", "--seed", str(seed)])
+        return build_dataset_and_model(o)[0].head.weight.detach().clone()
+
+    assert torch.equal(weights(3), weights(3)) and not torch.equal(weights(3), weights(4))
+
+
+def test_keep_last_defaults_to_3_and_0_keeps_every_snapshot(tmp_path):
+    from pixelz_dist.cli.checks import train_model_keywords
+    from pixelz_dist.train import main
+
+    assert cli.parse("train", ["--demo"]).keep_last == 3
+    assert train_model_keywords(vars(cli.parse("train", ["--demo", "--keep-last", "0"])))["keep_last"] is None
+    run = ["--model", "engine_helpers:LinReg", "--dataset", "engine_helpers:make_data", "--batch-size", "2",
+           "--iters", "6", "--snapshot-interval", "1", "--workers", "0", "--device", "cpu", "--no-curves"]
+    from pixelz_dist.checkpoint.file_format import list_snapshots
+
+    assert main([*run, "--snapshot-prefix", str(tmp_path / "a" / "s")]) == 0
+    assert [it for it, _ in list_snapshots(str(tmp_path / "a" / "s"))] == [6, 5, 4]  # the final one among them
+    assert main([*run, "--snapshot-prefix", str(tmp_path / "b" / "s"), "--keep-last", "0"]) == 0
+    assert [it for it, _ in list_snapshots(str(tmp_path / "b" / "s"))] == [6, 5, 4, 3, 2, 1]
+
+
+def test_a_run_without_snapshot_prefix_warns_once_that_it_saves_nothing(tmp_path, caplog, monkeypatch):
+    from pixelz_dist.train import main
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("WARNING", logger="pixelz_dist")
+    assert main(["--model", "engine_helpers:LinReg", "--dataset", "engine_helpers:make_data", "--iters", "2",
+                 "--workers", "0", "--device", "cpu"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "saves nothing" in r.getMessage()]
+    assert warned == ["no snapshot_prefix (--snapshot-prefix): this run saves nothing, no snapshot, not even a final "
+                      "one, so it cannot be resumed. HINT: pass --snapshot-prefix DIR/NAME (train_model("
+                      "snapshot_prefix='DIR/NAME'))"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_demo_snapshots_periodically_and_checks_its_arguments_before_writing_images(tmp_path, capsys):
+    from pixelz_dist.train import main
+
+    assert cli.parse("train", ["--demo"]).snapshot_interval == 1.0  # every epoch
+    assert cli.parse("train", ["--demo", "--iters", "50"]).snapshot_interval == 10.0
+    assert cli.parse("train", ["--demo", "--snapshot-interval", "3"]).snapshot_interval == 3.0
+    assert cli.parse("train", ["--model", "m:f", "--dataset", "d:f", "--iters", "5"]).snapshot_interval is None
+    with pytest.raises(SystemExit) as e:
+        main(["--demo", "--demo-dir", str(tmp_path / "demo"), "--batch-size", "0", "--scheduler", "onecycle"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --batch-size must be >= 1, got 0\n"
+    assert not (tmp_path / "demo").exists()

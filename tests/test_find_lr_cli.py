@@ -69,7 +69,11 @@ def test_errors_are_one_message_with_exit_code_2(tmp_path):
     bad = run(["--demo", "--demo-dir", str(tmp_path / "d"), "--demo-samples", "8", "--min-lr", "1", "--max-lr",
                "0.1", "--num-runs", "1"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "error: invalid find_lr arguments" in bad.stderr and "num_runs" in bad.stderr
+    # one line naming the options, checked before anything is written (the demo's images included)
+    assert bad.stderr.strip().splitlines() == ["error: need 0 < --min-lr < --max-lr, got --min-lr=1.0, --max-lr=0.1; "
+                                               "--num-runs must be an integer >= 2 (the rates span --min-lr to "
+                                               "--max-lr), got 1"], bad.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_without_demo_the_usage_says_what_to_pass(capsys):

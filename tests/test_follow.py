@@ -217,7 +217,8 @@ def test_follower_beside_a_real_training_run_exits_0_after_the_final_snapshot(tm
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         trainer = subprocess.run([*common, "pixelz_dist.train", *seg, "--model-arg", "delay=0.15", "--lr", "0.5",
-                                  "--iters", "8", "--snapshot-interval", "2", "--snapshot-prefix", prefix],
+                                  "--iters", "8", "--snapshot-interval", "2", "--keep-last", "0",  # all 4 compared
+                                  "--snapshot-prefix", prefix],
                                  env=env, capture_output=True, text=True, timeout=180)
         followed, _ = follower.communicate(timeout=180)
     finally:

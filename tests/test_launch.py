@@ -5,6 +5,7 @@ The SLURM scripts run on a real SLURM in test_slurm.py.
 
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -112,5 +113,6 @@ def test_torchrun_script_forwards_sigusr2_to_the_trainers(tmp_path):
                 p.kill()
     text = log.read_text()
     assert "preemption: SIGUSR2 received" in text, text[-3000:]
-    (stopped_at, _), = list_snapshots(prefix)
+    stopped_at = int(re.search(r"SIGUSR2 received; snapshot at iteration (\d+)", text).group(1))
     assert 10 <= stopped_at < 100000
+    assert list_snapshots(prefix)[0][0] == stopped_at  # the newest (the demo also snapshots every 10 iterations)

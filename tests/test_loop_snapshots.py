@@ -72,10 +72,18 @@ def test_final_snapshot_without_interval(tmp_path):
         assert torch.equal(snap["model"][k], v)
 
 
-def test_no_prefix_writes_nothing(tmp_path, monkeypatch):
+def test_no_prefix_writes_nothing_and_says_so_once(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING, logger="pixelz_dist")
     quick(num_epochs=1)
     assert os.listdir(tmp_path) == []
+    warned = [r for r in caplog.records if "saves nothing" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].name == "pixelz_dist.engine.train_model"
+    assert "no snapshot, not even a final one" in warned[0].getMessage() and "--snapshot-prefix DIR/NAME" in \
+        warned[0].getMessage() and "snapshot_prefix='DIR/NAME'" in warned[0].getMessage()
+    caplog.clear()
+    quick(num_iters=1, snapshot_prefix=str(tmp_path / "s"))
+    assert not [r for r in caplog.records if "saves nothing" in r.getMessage()]
 
 
 def test_keep_last_keeps_the_newest(tmp_path):

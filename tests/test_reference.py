@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import inspect
 import json
 import logging
@@ -86,7 +87,11 @@ def test_train_command_passes_the_options_as_names_md_says(tmp_path, monkeypatch
     from pixelz_dist.cli import passthrough as pt
 
     seen = {}
-    monkeypatch.setattr(engine, "train_model", lambda *args, **kwargs: seen.update(kwargs, args=args))
+    @functools.wraps(engine.train_model)  # its signature: the parse-time check reads train_model's defaults
+    def fake_train_model(*args, **kwargs):
+        seen.update(kwargs, args=args)
+
+    monkeypatch.setattr(engine, "train_model", fake_train_model)
     argv = ["--model", "engine_helpers:LinReg", "--dataset", "engine_helpers:make_data", "--iters", "3",
             "--workers", "0", "--seed", "5", "--batch-size", "2", "--resume", "auto",
             "--snapshot-prefix", str(tmp_path / "snap"), "--monitor-key", "val_x", "--monitor-mode", "max",

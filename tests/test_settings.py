@@ -166,6 +166,21 @@ def test_invalid_settings_raise_config_error(tmp_path, kwargs, word):
     assert not os.listdir(tmp_path)  # nothing written before the arguments were checked
 
 
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "poly"])
+@pytest.mark.parametrize("count", [dict(batch_size=0), dict(iter_size=0), dict(num_epochs=0), dict(batch_size=-1)])
+def test_a_zero_count_is_refused_before_anything_whatever_the_scheduler(tmp_path, scheduler, count):
+    """Schedulers over the run's length (total_steps, T_max) must not turn a zero count into a ZeroDivisionError:
+    train_model refuses it first, with a ConfigError, before any step or file."""
+    model, opt, data = setup()
+    sched = {"onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8),
+             "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
+             "poly": lambda: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=8)}[scheduler]()
+    kwargs = {"batch_size": 2, "num_epochs": 2, **count}
+    with pytest.raises(ConfigError, match=f"{next(iter(count))} must be an integer >= 1"):
+        train_model(model, opt, sched, data, snapshot_prefix=str(tmp_path / "s"), num_workers=0, **kwargs)
+    assert model.forwards == 0 and not os.listdir(tmp_path)
+
+
 def test_whole_float_interval_with_num_iters_is_accepted(tmp_path):
     model, opt, data = setup()
     prefix = tmp_path / "snap"

@@ -2,8 +2,10 @@
 saved beside the snapshots that repeats the run, TensorBoard, and one-line errors with exit code 2."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,21 +30,40 @@ def train(*args, timeout=180):
     return run([sys.executable, "-m", "pixelz_dist.train", *args], timeout=timeout)
 
 
-def test_demo_trains_writes_snapshots_and_resumes(tmp_path):
+def test_the_demo_snapshots_by_itself_and_resumes_after_kill_9(tmp_path):
+    """The README's promise: kill -9 the demo, start it again with --resume auto, and it continues where the last
+    snapshot was taken. With no snapshot option at all: the demo's own prefix and interval (every epoch), and the 3
+    newest kept (--keep-last's default)."""
     demo = str(tmp_path / "demo")
-    prefix = str(tmp_path / "snaps" / "demo")
-    args = ["--demo", "--demo-dir", demo, "--snapshot-prefix", prefix, "--batch-size", "8", "--iter-size", "2",
-            "--workers", "0", "--display-iter", "5"]
-    first = train(*args, "--epochs", "2", "--snapshot-interval", "1")
-    assert first.returncode == 0, first.stderr
-    assert "iter 5/8" in first.stderr and "samples/s" in first.stderr
-    assert "\r" not in first.stderr and "it/s" not in first.stderr  # not a terminal: log lines, no progress bar
-    assert [it for it, _ in list_snapshots(prefix)] == [8, 4]
-    assert sorted(os.listdir(demo)) == ["hint", "mask", "rgb"]
-    second = train(*args, "--epochs", "3", "--resume", "auto")
+    prefix = os.path.join(demo, "snapshots", "demo")  # the demo's default prefix
+    args = ["--demo", "--demo-dir", demo, "--demo-samples", "16", "--batch-size", "2", "--iter-size", "2",
+            "--workers", "0", "--display-iter", "5"]  # 16 samples / (2 x 2) = 4 iterations per epoch
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", *args, "--epochs", "100000"],
+                                 env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not (list_snapshots(prefix) and "iter 5/" in log.read_text()):
+            assert first.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        first.kill()  # SIGKILL: no snapshot on the way out
+        first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    text = log.read_text()
+    assert "iter 5/400000" in text and "samples/s" in text
+    assert "\r" not in text and "it/s" not in text  # not a terminal: log lines, no progress bar
+    kept = list_snapshots(prefix)
+    (last, path), iterations = kept[0], [it for it, _ in kept]
+    assert 1 <= len(kept) <= 3 and all(it % 4 == 0 for it in iterations), iterations  # one per epoch, 3 newest
+    epochs = last // 4 + 1  # one epoch more than the last snapshot holds
+    second = train(*args, "--epochs", str(epochs), "--resume", "auto")
     assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stderr and "iteration 8" in second.stderr
-    assert load_snapshot(list_snapshots(prefix)[0][1])["data"]["epoch"] == 3
+    assert f"resumed from {path}" in second.stderr and f"iteration {last}" in second.stderr, second.stderr
+    newest = load_snapshot(list_snapshots(prefix)[0][1])
+    assert newest["progress"]["iteration"] == last + 4 and newest["data"]["epoch"] == epochs
+    assert sorted(os.listdir(demo)) == ["hint", "mask", "rgb", "snapshots"]
 
 
 def test_step_options_from_the_command_line_train_and_log(tmp_path):

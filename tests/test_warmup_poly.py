@@ -189,7 +189,8 @@ def test_cli_poly_warmup_ema_resume_at_4_and_7_is_bitwise_identical(tmp_path):
     common = ["--demo", "--demo-dir", str(tmp_path / "demo"), "--demo-samples", "16", "--batch-size", "4",
               "--workers", "0", "--scheduler", "poly", "--schedule-on-iter", "--warmup-iters", "5", "--iters", "12",
               "--ema", "0.8", "--no-decay-norm-bias", "--weight-decay", "0.01", "--optimizer", "adamw",
-              "--lr", "0.01", "--display-iter", "1", "--snapshot-interval", "1", "--no-async-snapshots"]
+              "--lr", "0.01", "--display-iter", "1", "--snapshot-interval", "1", "--no-async-snapshots",
+              "--keep-last", "0"]  # every snapshot: the resumes below start from 4 and 7
     straight = str(tmp_path / "a" / "snap")
     done = cli(*common, "--snapshot-prefix", straight)
     assert done.returncode == 0, done.stderr

@@ -20,8 +20,11 @@
 #   SLURMCTLD_PORT, SLURMD_PORT   ports of the daemons (default 6817, 6818); every node has a network of its own, so
 #                   they do not collide with a SLURM running on the host
 #   START_TIMEOUT   seconds to wait for every node to become idle in SLURM (default 60)
-# Everything the cluster writes (cluster.env, hosts, slurm.conf, state, spool, logs, pid files) goes under DIR. munged
-# (one for the machine: the nodes share its socket) is started when none answers, and stop.sh stops it only then.
+# Files: the cluster's own (cluster.env, hosts, slurm.conf, state, spool, logs, pid files) go under DIR. Outside DIR:
+# the network namespaces in /run/netns (ip makes /run/netns a mount point on first use; stop.sh undoes both), and,
+# when no munge daemon answers, munged (one for the machine: the nodes share its socket) with the folders it needs,
+# /run/munge, /var/log/munge and /var/lib/munge, created as for launch/local_slurm; stop.sh stops that munged only
+# then, and the folders stay.
 # A failed start stops what it started.
 set -euo pipefail
 

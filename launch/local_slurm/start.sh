@@ -8,8 +8,11 @@
 # Variables:
 #   SLURMCTLD_PORT, SLURMD_PORT   ports of the two daemons (default 6817, 6818; choose free ones to run two clusters)
 #   START_TIMEOUT                 seconds to wait for the node to become idle (default 60)
-# Everything the cluster writes (slurm.conf, state, spool, logs, pid files) goes under DIR. munged is started when
-# no munge daemon answers (and stop.sh stops it only then).
+# Files: SLURM's (slurm.conf, state, spool, logs, pid files) all go under DIR. Outside DIR, only when no munge
+# daemon answers: start.sh creates /run/munge, /var/log/munge and /var/lib/munge (owned by the munge user, as the
+# munge package's service would) and starts munged, which writes its socket and pid file in /run/munge, its log in
+# /var/log/munge and its seed in /var/lib/munge (its key, /etc/munge/munge.key, comes with the package). stop.sh
+# stops that munged (only when start.sh started it); the three folders stay.
 set -euo pipefail
 
 dir="${1:?usage: start.sh DIR}"

@@ -27,7 +27,7 @@ from torch import nn
 from ..data.sampler import batches_in
 from ..distributed.env import read_env
 from ..engine.param_groups import make_param_groups
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .imports import call_factory
 
 __all__ = ["build_dataset_and_model", "build_metrics", "build_optimizer", "build_scheduler", "build_validation",
@@ -150,11 +150,24 @@ def build_optimizer(model: nn.Module, opts: Namespace, lr: float | None = None) 
 
 
 def iterations_per_epoch(num_samples: int, batch_size: int, iter_size: int, world_size: int) -> int:
-    """Optimizer steps in one epoch: global batches of ``batch_size x world_size``, windows of ``iter_size``."""
+    """Optimizer steps in one epoch: global batches of ``batch_size x world_size``, windows of ``iter_size``.
+
+    Raises:
+        ConfigError: a count below 1 (the parser refuses them first; this guards a direct call).
+        DataError: no samples: a schedule over the run's length would have none.
+    """
+    bad = [f"{name} must be >= 1, got {value}" for name, value in (("batch_size", batch_size), ("iter_size", iter_size),
+                                                                 ("world_size", world_size)) if value < 1]
+    if bad:
+        raise ConfigError("; ".join(bad))
+    if num_samples < 1:
+        raise DataError("the dataset is empty: nothing to train on, and no length for the schedule. HINT: check the "
+                        "folders or the --dataset factory")
     return math.ceil(batches_in(num_samples, batch_size * world_size) / iter_size)
 
 
 def total_iterations(opts: Namespace, num_samples: int, world_size: int) -> int:
+    """The run's length in optimizer steps (``--iters``, or ``--epochs`` times the steps of an epoch)."""
     if opts.iters is not None:
         return opts.iters
     return opts.epochs * iterations_per_epoch(num_samples, opts.batch_size, opts.iter_size, world_size)

@@ -8,12 +8,35 @@ wherever it came from, before anything is written.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 from ..errors import ConfigError
 
 #: The joint augmentation of --data (pixelz_dist.data.augment); the same names in a config file.
 AUGMENTATION = ("crop", "hflip", "scale_range", "pad_value")
+
+#: The demo's snapshot interval when none is given: one per epoch (--epochs), or every 10 iterations (--iters), so
+#: that a demo killed with ``kill -9`` resumes with ``--resume auto`` near where it was.
+DEMO_SNAPSHOT_EVERY = {"epochs": 1, "iters": 10}
+
+#: Counts that divide or bound a loop (a batch of 0 samples would divide the epoch by zero), by command: (key,
+#: smallest value). Checked before anything is built or written.
+_COUNTS = {
+    "all": (("batch_size", 1), ("demo_samples", 1), ("workers", 0)),
+    "train": (("iter_size", 1), ("epochs", 1), ("iters", 1), ("display_iter", 1), ("step_size", 1), ("keep_last", 0),
+              ("keep_best", 1), ("stop_patience", 1), ("val_interval", 1), ("val_batch_size", 1),
+              ("warmup_iters", 0)),
+    "find_lr": (("iter_size", 1),),  # its own counts: the finder's check (_check_as_find_lr)
+    "evaluate": (),
+}
+#: Amounts that must be positive when given (seconds, norms, a snapshot interval in epochs or iterations).
+_POSITIVE = {"train": ("snapshot_interval", "time_budget", "clip_grad_norm", "clip_grad_value"),
+             "find_lr": ("clip_grad_norm", "clip_grad_value"), "evaluate": ()}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def finish(command: str, v: dict) -> None:
@@ -28,6 +51,7 @@ def finish(command: str, v: dict) -> None:
     if v["on_bad_file"] != "raise" and not v["data"]:
         raise ConfigError("--on-bad-file applies to --data folders (a --dataset factory chooses its own handling)")
     _check_augmentation(v)
+    _check_counts(command, v)
     if v["modes"] and len(v["modes"]) != len(v["data"]):
         raise ConfigError(f"--modes has {len(v['modes'])} entries for {len(v['data'])} --data folders; give one per "
                           "folder")
@@ -48,11 +72,92 @@ def finish(command: str, v: dict) -> None:
         v["weight_decay"] = 0.01 if v["optimizer"] == "adamw" else 0.0
     if command == "train":
         _finish_train(v)
+        _check_as_train_model(v)
     else:
         if v["result_file"] is None:
             v["result_file"] = os.path.join(v["demo_dir"] if v["demo"] else "", "lr_finder", "results.npz")
         if v["resume"] is not None and not os.path.isfile(v["resume"]):
             raise ConfigError(f"--resume {v['resume']!r}: no such snapshot file")
+        _check_as_find_lr(v)
+
+
+def _check_counts(command: str, v: dict) -> None:
+    """Every count and amount of ``command`` in its range, all problems in one ConfigError: a zero batch size (or
+    iteration size, number of epochs, ...) must be refused here, before the demo writes its images or a scheduler
+    divides the run's length by it."""
+    problems = [f"{_flag(key)} must be >= {low}, got {v[key]}" for key, low in _COUNTS["all"] + _COUNTS[command]
+                if v.get(key) is not None and v[key] < low]
+    problems += [f"{_flag(key)} must be positive, got {v[key]:g}" for key in _POSITIVE[command]
+                 if v.get(key) is not None and not v[key] > 0]
+    if command == "train" and any(m < 0 for m in v["milestones"] or ()):
+        problems.append(f"--milestones must be >= 0, got {' '.join(map(str, v['milestones']))}")
+    if command == "train" and v["iters"] is not None and v["snapshot_interval"] is not None \
+            and v["snapshot_interval"] > 0 and v["snapshot_interval"] != int(v["snapshot_interval"]):
+        problems.append(f"--snapshot-interval counts iterations with --iters: a whole number, got "
+                        f"{v['snapshot_interval']:g} (fractions of an epoch need --epochs)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _train_model_table():
+    from .passthrough import EMA_OPTIONS, SCHEDULE_OPTIONS, STEP_OPTIONS, TRAIN_MODEL_ARGUMENTS, TRAIN_MODEL_OPTIONS
+
+    return TRAIN_MODEL_ARGUMENTS + TRAIN_MODEL_OPTIONS + STEP_OPTIONS + SCHEDULE_OPTIONS + EMA_OPTIONS
+
+
+def train_model_keywords(v: dict) -> dict:
+    """The keyword arguments ``python -m pixelz_dist.train`` gives ``train_model`` from the resolved options ``v``
+    (all but the model, optimizer, scheduler, dataset and callbacks), from passthrough's tables (which the name map
+    of the docs is generated from): one mapping, so that the check at parse time (:func:`_check_as_train_model`)
+    checks exactly what the run will get."""
+    from .passthrough import dest
+
+    kwargs = {row[1]: v[dest(row[0])] for row in _train_model_table()}
+    kwargs["keep_last"] = kwargs["keep_last"] or None  # --keep-last 0: keep every snapshot
+    return kwargs
+
+
+def _as_flags(message: str, names: dict[str, str]) -> str:
+    """A library error listing problems (``invalid ... arguments:\n  - batch_size must ...``) as one line that names
+    the command-line options (``--batch-size must ...``)."""
+    lines = [line.strip().removeprefix("- ") for line in message.splitlines()[1:]] or [message]
+    text = re.sub(r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b", lambda m: names[m.group(1)],
+                  "; ".join(lines))
+    return re.sub(r"(--[a-z-]+) is None", r"\1 is not given", text)  # an option left out, not a Python None
+
+
+def _check_as_train_model(v: dict) -> None:
+    """Run ``train_model``'s own check of its arguments on what the run will get, so that anything it refuses is
+    refused now, before anything is built or written (the demo's images, a scheduler's division by the run's
+    length)."""
+    import inspect
+
+    from ..engine.settings import check_settings, setting_names
+    from ..engine.train_model import train_model
+
+    kwargs = train_model_keywords(v)
+    values = {name: p.default for name, p in inspect.signature(train_model).parameters.items()
+              if name in setting_names()}
+    values.update(kwargs, closure=False)  # the command line's optimizers take no closure
+    names = {row[1]: row[0] for row in _train_model_table()}
+    try:
+        check_settings(values)
+    except ConfigError as e:
+        raise ConfigError(_as_flags(str(e), names)) from e
+
+
+def _check_as_find_lr(v: dict) -> None:
+    """The finder's own check of its arguments, now (see :func:`_check_as_train_model`)."""
+    from ..lr_finder.search import _check_args
+
+    names = {k: _flag(k) for k in ("min_lr", "max_lr", "iter_per_run", "num_runs", "num_iters", "divergence_factor",
+                                   "method")}
+    names["load_snapshot_path"] = "--resume"
+    try:
+        _check_args(v["method"], v["min_lr"], v["max_lr"], v["iter_per_run"], v["num_runs"], v["num_iters"],
+                    v["divergence_factor"], None, v["resume"], {})
+    except ConfigError as e:
+        raise ConfigError(_as_flags(str(e), names)) from e
 
 
 def _check_augmentation(v: dict) -> None:
@@ -101,6 +206,8 @@ def _finish_train(v: dict) -> None:
         if not v["demo"]:
             raise ConfigError("how long to train: pass --epochs N or --iters N")
         v["epochs"] = 5
+    if v["demo"] and v["snapshot_interval"] is None:  # periodic snapshots: kill -9, then --resume auto goes on
+        v["snapshot_interval"] = float(DEMO_SNAPSHOT_EVERY["iters" if v["iters"] is not None else "epochs"])
     if v["demo"] and not v["snapshot_prefix"]:
         v["snapshot_prefix"] = os.path.join(v["demo_dir"], "snapshots", "demo")
         if v["resume"] is None:  # the demo's own folder: a new demo run sets the last one's snapshots aside

@@ -14,6 +14,7 @@ Adding an option that ``train_model`` passes through (e.g. ``clip_grad_norm``) i
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -85,6 +86,30 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         fail(f"{message} (see --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:  # argparse's own message, with the options that were probably meant (a config key gets them too)
+            hint = close_options(self, extras)
+            fail(f"unrecognized arguments: {' '.join(extras)}" + (f" ({hint})" if hint else " (see --help)"))
+        return namespace
+
+
+def close_options(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """``did you mean --epochs?`` for the unknown options among ``extras`` (``--epoch``, ``--snaphot_interval=2``):
+    the parser's long options closest to each, compared in the dashed spelling; empty when none is close."""
+    names = sorted(s[2:] for s in parser._option_string_actions if s.startswith("--"))
+    hints = []
+    for token in extras:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token.partition("=")[0][2:].replace("_", "-")  # compared without the "--" every option shares
+        close = difflib.get_close_matches(name, names, n=3)
+        if close:
+            hints.append((token.partition("=")[0], " or ".join(f"--{c}" for c in close)))
+    if len(hints) == 1:
+        return f"did you mean {hints[0][1]}?"
+    return "; ".join(f"{token}: did you mean {close}?" for token, close in hints)
+
 
 def fail(message: str) -> None:
     """A usage error: one line on stderr, exit code 2."""
@@ -152,7 +177,10 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         g.add_argument("--iter-size", type=int, default=1, help="micro-batches per optimizer step")
         g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                        help="a new order each epoch")
-    g.add_argument("--seed", type=int, default=0, help="data order, augmentation and the demo's initial weights")
+    g.add_argument("--seed", type=int, default=0, help="torch, numpy and random are seeded with it before the model "
+                   "is built (the initial weights: a --model factory's too, and the demo's)" + (
+                       "; the snapshot's weights replace them" if evaluate else
+                       ", so dropout draws follow it; it also sets the data order and the augmentation"))
     g.add_argument("--workers", type=int, help="DataLoader workers per process (default: automatic)")
 
     g = p.add_argument_group("device and step")
@@ -165,7 +193,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         return
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="torch.optim.SGD, AdamW or Adam")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate" + ("" if train else
                    "; the finder keeps the --param-lr ratios to it"))
     g.add_argument("--momentum", type=float, help="sgd only (default 0.9)")
@@ -255,8 +283,8 @@ def _add_find_lr(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=("runs", "sweep"), default="runs",
                    help="runs: one short run per rate, each from the same start; sweep: one run with the rate "
                         "rising every iteration (about --num-runs times cheaper)")
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--max-lr", type=float, default=10.0)
+    g.add_argument("--min-lr", type=float, default=1e-5, help="the smallest rate tried")
+    g.add_argument("--max-lr", type=float, default=10.0, help="the largest rate tried")
     g.add_argument("--num-runs", type=int, default=15, help="runs: rates tried, spaced exponentially")
     g.add_argument("--iter-per-run", type=int, default=20, help="runs: iterations per rate")
     g.add_argument("--num-iters", type=int, default=100, help="sweep: its length in iterations")

@@ -11,11 +11,18 @@ import argparse
 # One line per option; the training command adds each one and hands its value to train_model.
 TRAIN_MODEL_OPTIONS = (
     ("--snapshot-prefix", "snapshot_prefix", dict(metavar="PREFIX", help="write snapshots to PREFIX_iter_N.pt and "
-                                                  "the resolved configuration to PREFIX_config.toml (demo default: "
-                                                  "DEMO_DIR/snapshots/demo)")),
+                                                  "the resolved configuration to PREFIX_config.toml (default: no "
+                                                  "snapshots, not even a final one, and no resume, with a warning; "
+                                                  "demo default: DEMO_DIR/snapshots/demo)")),
     ("--snapshot-interval", "snapshot_interval", dict(type=float, help="in epochs when training by --epochs (0.5 = "
-                                                      "twice per epoch), in iterations with --iters")),
-    ("--keep-last", "keep_last", dict(type=int, metavar="K", help="keep only the K newest snapshots")),
+                                                      "twice per epoch), in iterations with --iters (default: no "
+                                                      "periodic snapshot, only the final one and those of a "
+                                                      "preemption or Ctrl-C; demo default: every epoch, or every 10 "
+                                                      "iterations with --iters)")),
+    ("--keep-last", "keep_last", dict(type=int, default=3, metavar="K", help="keep only the K newest snapshots (an "
+                                      "older one goes once a newer one is on disk, so --resume auto always finds "
+                                      "one; the final snapshot is the newest; --keep-best's are kept besides); 0 "
+                                      "keeps every snapshot")),
     ("--keep-best", "keep_best", dict(type=int, metavar="K", help="also keep the K best snapshots by --monitor-key "
                                       "(never removed by --keep-last) and PREFIX_best.pt, the best so far; needs "
                                       "--val-data")),

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..callbacks.builtin import GradientClipping, NonFiniteGuard, StopOnLoss, TimeBudget
 from ..checkpoint.best import KeepBest
-from ..distributed.env import process_group
+from ..distributed.env import process_group, read_env
 from ..distributed.log_relay import rank_logging
 from ..errors import ConfigError, DataError
 from ..log import ensure_handler
@@ -20,6 +20,12 @@ from .loop import Engine
 from .settings import RunSettings, apply_legacy_names, check_settings, setting_names
 
 logger = logging.getLogger(__name__)
+
+#: The warning of a run without ``snapshot_prefix``; its record carries ``saves_nothing=True`` (the finder, whose
+#: short runs save nothing on purpose, drops it).
+SAVES_NOTHING = ("no snapshot_prefix (--snapshot-prefix): this run saves nothing, no snapshot, not even a final "
+                 "one, so it cannot be resumed. HINT: pass --snapshot-prefix DIR/NAME (train_model(snapshot_prefix="
+                 "'DIR/NAME'))")
 
 
 def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False, snapshot_prefix=None, num_iters=None,
@@ -62,7 +68,8 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
         shuffle: a new permutation each epoch, a pure function of (seed, epoch).
         snapshot_prefix: snapshots are written to ``{snapshot_prefix}_iter_{N}.pt``; metrics to
             ``{snapshot_prefix}_metrics.jsonl`` and the per-iteration sample-order record to
-            ``{snapshot_prefix}_order.tsv``. A final snapshot is always written when set.
+            ``{snapshot_prefix}_order.tsv``. A final snapshot is always written when set. None: nothing is saved
+            (no snapshot, not even a final one: the run cannot be resumed), and a warning says so at the start.
         num_iters / num_epochs: exactly one, the length of training.
         iter_size: micro-batches per optimizer step (gradient accumulation).
         display_iter: iterations between log lines.
@@ -76,10 +83,13 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
             of it taken mid-epoch resumes with as many processes as wrote it, or with False.
         display_gpu: add allocated / reserved / peak GPU memory to the log line.
         schedule_on_iter: step the scheduler every iteration instead of every epoch.
-        seed: seeds the data order and the per-batch augmentation RNGs.
+        seed: seeds the data order and the per-batch augmentation RNGs (not the model's weights: seed torch before
+            building it; the command line's ``--seed`` does both).
         num_workers: DataLoader workers; None = ``min(max(cpus // gpus_per_node, 1), 6)`` with the CPUs this process
             may use.
-        keep_last: keep only the K newest snapshots (an older one is removed only once its successor is durable).
+        keep_last: keep only the K newest snapshots (an older one is removed only once its successor is durable, so
+            ``"auto"`` always finds one; the final snapshot is the newest; ``keep_best``'s are kept besides). None
+            (the default here; the command line's ``--keep-last`` is 3): every snapshot is kept.
         keep_best: keep the K best snapshots by ``monitor`` too (never removed by ``keep_last``), and
             ``{snapshot_prefix}_best.pt``, a hard link to (or copy of) the best so far, replaced atomically once the
             snapshot is durable. Each validation whose value would enter the top K asks for a snapshot of its
@@ -179,6 +189,8 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
     check_monitor(settings, callbacks)
     check_optimizer_holds(model, optimizer)
     ensure_handler()
+    if settings.snapshot_prefix is None and read_env().is_main:
+        logger.warning(SAVES_NOTHING, extra={"saves_nothing": True})
     with process_group(backend=backend, timeout_s=dist_timeout) as env, \
             rank_logging(env.rank, env.world_size) as flush_points, deterministic_mode(settings.deterministic):
         # the relay's flush points go last: they print what the callbacks before them logged (and shift no

@@ -62,8 +62,8 @@ class _QuietInnerRuns(logging.Filter):
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return False
+        if record.levelno < logging.WARNING or getattr(record, "saves_nothing", False):
+            return False  # the finder's runs write no snapshot on purpose: no "this run saves nothing" warning
         message = record.getMessage()
         if message in self.seen:
             return False
