@@ -101,14 +101,19 @@ class _Parsed(Exception):
 
 
 def parse_with_entry_point(module: str, argv: list[str], monkeypatch) -> argparse.Namespace:
-    """Run ``module.main(argv)`` until its argument parser has parsed ``argv``, then stop it."""
-    original = argparse.ArgumentParser.parse_args
+    """Run ``module.main(argv)`` until its argument parser has parsed ``argv``, then stop it. (At
+    ``parse_known_args``, which every ``parse_args`` calls, also a parser's own override; arguments left over are
+    what any ``parse_args`` refuses.)"""
+    original = argparse.ArgumentParser.parse_known_args
 
     def parse_then_stop(self, args=None, namespace=None):
-        raise _Parsed(original(self, args, namespace))
+        namespace, extras = original(self, args, namespace)
+        if extras:
+            pytest.fail(f"{module} {shlex.join(argv)}: its parser does not know {extras}")
+        raise _Parsed(namespace)
 
     with monkeypatch.context() as m:
-        m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        m.setattr(argparse.ArgumentParser, "parse_known_args", parse_then_stop)
         try:
             main = importlib.import_module(module).main
             getattr(main, "__wrapped__", main)(list(argv))  # past torchrun's @record, which wants a real stderr
@@ -161,8 +166,10 @@ def test_a_renamed_option_is_refused_by_the_check(monkeypatch, capsys):
     command = shlex.split("torchrun --standalone --nproc_per_node=2 -m pixelz_dist.train --demo --iterations 5")
     module, argv = entry_point(command)
     assert module == "pixelz_dist.train" and argv == ["--demo", "--iterations", "5"]
-    with pytest.raises(pytest.fail.Exception, match="refused"):
+    with pytest.raises(pytest.fail.Exception, match="does not know"):
         parse_with_entry_point(module, argv, monkeypatch)
+    with pytest.raises(pytest.fail.Exception, match="refused"):  # a known option with a bad value
+        parse_with_entry_point(module, ["--demo", "--iters", "five"], monkeypatch)
     assert entry_point(shlex.split("sbatch --nodes=2 launch/slurm_train.sbatch --config run.toml")) == (
         "pixelz_dist.train", ["--resume", "auto", "--config", "run.toml"])
 
