@@ -23,8 +23,8 @@
 # Files: the cluster's own (cluster.env, hosts, slurm.conf, state, spool, logs, pid files) go under DIR. Outside DIR:
 # the network namespaces in /run/netns (ip makes /run/netns a mount point on first use; stop.sh undoes both), and,
 # when no munge daemon answers, munged (one for the machine: the nodes share its socket) with the folders it needs,
-# /run/munge, /var/log/munge and /var/lib/munge, created as for launch/local_slurm; stop.sh stops that munged only
-# then, and the folders stay.
+# /run/munge, /var/log/munge and /var/lib/munge, created as for launch/local_slurm, and /run/pixelz-munge
+# (launch/shared_munge.sh); stop.sh stops that munged once no local cluster uses it, and the folders stay.
 # A failed start stops what it started.
 set -euo pipefail
 
@@ -95,13 +95,10 @@ for i in $(seq "$nodes"); do
 done
 
 if [ "$slurm" = 1 ]; then
-    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then  # no systemd: start munged as the munge user
-        install -d -o munge -g munge -m 0755 /run/munge
-        install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
-        runuser -u munge -- munged
-        touch "$dir/munged.started"
-        for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
-    fi
+    # one munged per machine, shared with a local_slurm that may be up too
+    # shellcheck source=launch/shared_munge.sh
+    source "$here/../shared_munge.sh"
+    munge_start "$dir"
     mkdir -p "$dir/state" "$dir/log"
     cpus="$(nproc)"
     mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 8 / 10 / 1024 / nodes ))

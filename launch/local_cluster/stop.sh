@@ -47,9 +47,10 @@ for name in $NODES switch; do
     stop_pids $(ip netns pids "$ns")
     ip netns delete "$ns"
 done
-if [ -f "$dir/munged.started" ]; then
-    if [ -f /run/munge/munged.pid ]; then stop_pids "$(cat /run/munge/munged.pid)"; fi
-    rm -f "$dir/munged.started"
+if [ "$SLURM" = 1 ]; then  # munged: only when start.sh started it and no other local cluster still uses it
+    # shellcheck source=launch/shared_munge.sh
+    source "$here/../shared_munge.sh"
+    munge_stop "$dir"
 fi
 if [ "$NETNS_MOUNT" = 1 ] && mountpoint -q /run/netns && [ -z "$(ls -A /run/netns)" ]; then
     umount /run/netns

@@ -11,8 +11,9 @@
 # Files: SLURM's (slurm.conf, state, spool, logs, pid files) all go under DIR. Outside DIR, only when no munge
 # daemon answers: start.sh creates /run/munge, /var/log/munge and /var/lib/munge (owned by the munge user, as the
 # munge package's service would) and starts munged, which writes its socket and pid file in /run/munge, its log in
-# /var/log/munge and its seed in /var/lib/munge (its key, /etc/munge/munge.key, comes with the package). stop.sh
-# stops that munged (only when start.sh started it); the three folders stay.
+# /var/log/munge and its seed in /var/lib/munge (its key, /etc/munge/munge.key, comes with the package); and
+# /run/pixelz-munge, which records the local clusters using a munged started here (launch/shared_munge.sh). stop.sh
+# stops that munged once no local cluster uses it (a launch/local_cluster may share it); the folders stay.
 set -euo pipefail
 
 dir="${1:?usage: start.sh DIR}"
@@ -28,14 +29,10 @@ for tool in munged munge unmunge slurmctld slurmd scontrol sinfo; do
     command -v "$tool" >/dev/null 2>&1 || { echo "start.sh: $tool not found (apt-get install slurmctld slurmd slurm-client munge)" >&2; exit 1; }
 done
 
-# munge: no systemd here, so create its run folder and start the daemon as the munge user.
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    install -d -o munge -g munge -m 0755 /run/munge
-    install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
-    runuser -u munge -- munged
-    touch "$dir/munged.started"
-    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
-fi
+# munge: one daemon per machine, shared with a local_cluster that may be up too (launch/shared_munge.sh).
+# shellcheck source=launch/shared_munge.sh
+source "$here/../shared_munge.sh"
+munge_start "$dir"
 
 mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 8 / 10 / 1024 ))

@@ -25,7 +25,7 @@ stop_pid_file() {
 
 stop_pid_file "$dir/slurmd.pid"
 stop_pid_file "$dir/slurmctld.pid"
-if [ -f "$dir/munged.started" ]; then
-    stop_pid_file /run/munge/munged.pid
-    rm -f "$dir/munged.started"
-fi
+# munged: only when start.sh started it and no other local cluster still uses it
+# shellcheck source=launch/shared_munge.sh
+source "$(cd "$(dirname "$0")" && pwd)/../shared_munge.sh"
+munge_stop "$dir"
