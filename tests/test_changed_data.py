@@ -128,7 +128,7 @@ def test_the_command_line_refuses_a_changed_data_folder_mid_epoch_with_exit_2(tm
     folders = image_folders(tmp_path / "data", n=20)
     prefix = str(tmp_path / "run" / "s")
     common = ["--model", "slow_data:TwoFolderNet", "--data", *folders, "--batch-size", "2", "--workers", "0",
-              "--shuffle", "--snapshot-prefix", prefix, "--epochs", "1"]
+              "--shuffle", "--snapshot-prefix", prefix, "--epochs", "1", "--no-curves"]
     jobs = os.path.join(TESTS, "jobs")
     first = cli(*common, "--snapshot-interval", "0.3", "--time-budget", "1e-9", cwd=jobs)  # stops after step 1
     assert first.returncode == 0, first.stderr

@@ -5,10 +5,12 @@ Few and strong: each test starts real jobs, kills or signals real processes, and
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from test_failures import image_folders
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch, beside python
 JOB = os.path.join(TESTS, "jobs", "dist_job.py")
+SIGTERM_CFG = dict(num_iters=30, iter_size=2, batch_size=2, dropout=0.2, workers=1)  # its run and its reference's
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -43,6 +46,19 @@ def torchrun(cfg, nproc=2, extra=(), timeout=180, background=False, env=None, jo
 def python_job(cfg, timeout=120, job=JOB):
     return subprocess.run([sys.executable, job, json.dumps(cfg)], env=job_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def one_process_run(cfg):
+    """tests/jobs/dist_job.py's training of one config in this process: the one-process side of a comparison needs
+    no process of its own (python_job: ~5 s of CPU to start torch). Raises what the training raises."""
+    sys.path.insert(0, os.path.dirname(JOB))
+    try:
+        import dist_job
+    finally:
+        sys.path.remove(os.path.dirname(JOB))
+    with warnings.catch_warnings():  # its record's scan of every object (is a DDP wrapper left?) meets this one
+        warnings.filterwarnings("ignore", ".*torch.distributed.reduce_op. is deprecated", FutureWarning)
+        dist_job.train_one(json.loads(json.dumps(cfg)))  # what the job would get: JSON's types, a copy
 
 
 def final(prefix):
@@ -75,8 +91,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch_and_sync_onc
     assert proc.returncode == 0, proc.stderr
     one = tmp_path / "one"
     one.mkdir()
-    single = python_job({**cfg, "prefix": str(one / "s"), "out": str(one), "batch_size": 4})
-    assert single.returncode == 0, single.stderr
+    one_process_run({**cfg, "prefix": str(one / "s"), "out": str(one), "batch_size": 4})
 
     a, b = final(str(two / "s")), final(str(one / "s"))
     for k in a["model"]:
@@ -152,33 +167,51 @@ def test_train_model_called_three_times_in_one_torchrun_job(tmp_path):
     assert proc.stderr.count("training MLP on cpu, 2 processes") == 3
 
 
-def test_ranks_agree_on_requests_without_a_blocking_collective_per_step(tmp_path):
+def test_ranks_agree_on_requests_without_a_blocking_collective_per_step(shared_runs):
     """The stop / snapshot / preemption flags travel in one asynchronous all-reduce per step, read one step later:
     in steady state (no log line, no snapshot due) no rank waits on a collective. Before, each step made a
     blocking all_reduce + tolist(), a device sync per step with nccl."""
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = torchrun({"num_iters": 12, "out": str(out), "display_iter": 100, "count_collectives": True,
-                     "prefix": str(tmp_path / "s")})
-    assert proc.returncode == 0, proc.stderr
-    for rank in records(out, 2):
+    folder, _ = shared_runs["collectives"]
+    for rank in records(folder / "out", 2):
         # iteration i's counts cover its own step and the requests settled after iteration i - 1
         assert rank["collectives"][0] == [0, 0]
         assert rank["collectives"][1:] == [[0, 1]] * 11, rank["collectives"]
 
 
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory):
+    """Runs of 2 processes that tests only read, one after the other in ONE torchrun job (``runs``: a fresh model,
+    process group and prefix each; torch's start-up, ~10 s of CPU a job, paid once): ``{name: (folder, the job's
+    output)}``, each folder with ``s`` (the prefix) and ``out`` (the per-rank records). ``stop_False`` and
+    ``stop_True``: a stop asked at iteration 5 on rank 1 alone / on every rank; ``sigterm_reference`` and
+    ``multigpu_reference``: the uninterrupted runs of those tests; ``collectives`` (last: its counting wrapper of
+    all_reduce stays in place) counts the collectives per iteration."""
+    root = tmp_path_factory.mktemp("shared")
+    configs = {
+        **{f"stop_{on_every_rank}": {"num_iters": 40, "stop_at": 5, "stop_rank": "all" if on_every_rank else 1,
+                                     "stop_on_every_rank": on_every_rank} for on_every_rank in (False, True)},
+        "sigterm_reference": SIGTERM_CFG,
+        "multigpu_reference": {"num_iters": 6, "iter_size": 2, "batch_size": 2},
+        "collectives": {"num_iters": 12, "display_iter": 100, "count_collectives": True},
+    }
+    runs = []
+    for name, cfg in configs.items():
+        (root / name / "out").mkdir(parents=True)
+        runs.append({**cfg, "out": str(root / name / "out"), "prefix": str(root / name / "s")})
+    proc = torchrun({"runs": runs})
+    assert proc.returncode == 0, proc.stderr
+    return {name: (root / name, proc.stderr) for name in configs}
+
+
 @pytest.mark.parametrize("on_every_rank,expected", [(False, 6), (True, 5)])
-def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, on_every_rank, expected):
+def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_iteration(shared_runs, on_every_rank,
+                                                                             expected):
     """Asked on rank 1 alone at iteration 5: both ranks stop after iteration 6 (agreed one step late). Asked on
     every rank alike (on_every_rank=True): after iteration 5, with no agreement."""
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = torchrun({"num_iters": 40, "out": str(out), "prefix": str(tmp_path / "s"), "stop_at": 5,
-                     "stop_rank": "all" if on_every_rank else 1, "stop_on_every_rank": on_every_rank})
-    assert proc.returncode == 0, proc.stderr
-    assert [r["stopped_at"] for r in records(out, 2)] == [expected, expected]
-    assert [it for it, _ in list_snapshots(str(tmp_path / "s"))] == [expected]
-    assert f"stopped at iteration {expected}: " in proc.stderr
+    folder, stderr = shared_runs[f"stop_{on_every_rank}"]
+    assert [r["stopped_at"] for r in records(folder / "out", 2)] == [expected, expected]
+    assert [it for it, _ in list_snapshots(str(folder / "s"))] == [expected]
+    assert f"stopped at iteration {expected}: " in stderr
 
 
 # -- resume: same world size, elastic restart ---------------------------------------------------------------------
@@ -220,18 +253,37 @@ def test_elastic_restart_continues_from_the_newest_snapshot(tmp_path, straight_d
 
 
 # -- resume with another world size -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world_size_changes(tmp_path_factory):
+    """48 samples, global batch 8: 3 iterations (24 samples), then resumed to 6 with another world size, both ways
+    (2 -> 1 and 1 -> 2). The two runs of 2 processes go in one torchrun job (one start-up less), those of one
+    process run in this one:
+    ``{(first, second): (prefix, samples seen by the first run, by the second)}``."""
+    root = tmp_path_factory.mktemp("world_size")
+
+    def cfg(first, second, n):
+        nproc, iters, resume = [(first, 3, None), (second, 6, "auto")][n]
+        out = root / f"{first}-{second}" / f"run{n}"
+        out.mkdir(parents=True)
+        return {"prefix": str(root / f"{first}-{second}" / "s"), "num_iters": iters, "batch_size": 8 // nproc,
+                "out": str(out), "resume": resume}
+
+    one_process_run(cfg(1, 2, 0))
+    two = torchrun({"runs": [cfg(2, 1, 0), cfg(1, 2, 1)]})
+    assert two.returncode == 0, two.stderr
+    one_process_run(cfg(2, 1, 1))
+    found = {}
+    for first, second in ((2, 1), (1, 2)):
+        folder = root / f"{first}-{second}"
+        found[first, second] = (str(folder / "s"), *[[i for r in records(folder / f"run{n}", nproc) for i in r["seen"]]
+                                                    for n, nproc in enumerate((first, second))])
+    return found
+
+
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_world_size_change_continues_the_epoch_without_repeating_or_skipping(tmp_path, first, second):
+def test_world_size_change_continues_the_epoch_without_repeating_or_skipping(world_size_changes, first, second):
     """48 samples, global batch 8: stop after 3 iterations (24 samples), resume with another world size."""
-    prefix = str(tmp_path / "s")
-    runs = []
-    for n, (nproc, iters, resume) in enumerate([(first, 3, None), (second, 6, "auto")]):
-        out = tmp_path / f"run{n}"
-        out.mkdir()
-        cfg = {"prefix": prefix, "num_iters": iters, "batch_size": 8 // nproc, "out": str(out), "resume": resume}
-        proc = torchrun(cfg, nproc=nproc) if nproc > 1 else python_job(cfg)
-        assert proc.returncode == 0, proc.stderr
-        runs.append([i for r in records(out, nproc) for i in r["seen"]])
+    prefix, *runs = world_size_changes[first, second]
     assert len(runs[0]) == 24 and len(runs[1]) == 24
     assert sorted(runs[0] + runs[1]) == list(range(48))  # the epoch, each sample exactly once
     assert sorted(read_order_record(prefix)) == list(range(1, 7))
@@ -246,10 +298,9 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.1)
 
 
-def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path):
-    cfg = dict(num_iters=30, iter_size=2, batch_size=2, dropout=0.2, workers=1)
-    ref = torchrun({**cfg, "prefix": str(tmp_path / "ref" / "s")})
-    assert ref.returncode == 0, ref.stderr
+def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path, shared_runs):
+    cfg = SIGTERM_CFG
+    reference, _ = shared_runs["sigterm_reference"]  # the uninterrupted run
     prefix = str(tmp_path / "s")
     out = tmp_path / "out"
     out.mkdir()
@@ -266,7 +317,7 @@ def test_sigterm_to_torchrun_snapshots_exits_75_and_resumes_identically(tmp_path
     assert 3 <= stopped_at < 30
     resumed = torchrun({**cfg, "prefix": prefix, "resume": "auto"})
     assert resumed.returncode == 0, resumed.stderr
-    assert_bitwise_equal(final(str(tmp_path / "ref" / "s")), final(prefix))  # dropout included
+    assert_bitwise_equal(final(str(reference / "s")), final(prefix))  # dropout included
 
 
 def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path):
@@ -355,15 +406,17 @@ def test_a_bad_file_in_rank_1s_shard_is_reported_once_with_its_rank(tmp_path, on
         assert "005.jpg" in errors[0]
 
 
-def test_a_warning_of_every_rank_is_shown_once_naming_the_ranks(tmp_path):
-    prefix = str(tmp_path / "s")
-    first = torchrun({"num_iters": 4, "interval": 2, "prefix": prefix})
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = torchrun({"num_iters": 6, "iter_size": 2, "prefix": prefix, "resume": "auto"})
+def test_a_warning_of_every_rank_is_shown_once_naming_the_ranks(tmp_path, straight_demo_run):
+    """The module's reference run's snapshot at iteration 4 (iter_size 2), resumed with iter_size 1 (no new job to
+    write a snapshot first)."""
+    cfg, reference = straight_demo_run
+    shutil.copy(f"{reference}_iter_4.pt", tmp_path / "s_iter_4.pt")
+    resumed = torchrun({**cfg, "num_iters": 6, "iter_size": 1, "workers": 0, "prefix": str(tmp_path / "s"),
+                        "resume": "auto"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resuming with iter_size 1 -> 2" in line]
+    said = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resuming with iter_size 2 -> 1" in line]
     assert len(said) == 1, said  # logged by both ranks, shown once
-    assert "WARNING [ranks 0,1] resuming with iter_size 1 -> 2: the data position is kept" in said[0]
+    assert "WARNING [ranks 0,1] resuming with iter_size 2 -> 1: the data position is kept" in said[0]
 
 
 # -- the seed's calling convention ----------------------------------------------------------------------------------
@@ -375,17 +428,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_train_model_multigpu_from_plain_python_equals_torchrun(tmp_path):
+def test_train_model_multigpu_from_plain_python_equals_torchrun(tmp_path, shared_runs):
     """RANK = node rank, WORLD_SIZE = nodes: it starts 2 gloo workers itself and returns the trained model."""
     launched = subprocess.run(
         [sys.executable, os.path.join(TESTS, "jobs", "multigpu_job.py"),
          json.dumps({"port": free_port(), "prefix": str(tmp_path / "m" / "s"), "out": str(tmp_path / "weights.pt")})],
         env={**job_env(), "PYTHONPATH": os.path.join(TESTS, "jobs")}, capture_output=True, text=True, timeout=180)
     assert launched.returncode == 0, launched.stderr
-    ref = torchrun({"prefix": str(tmp_path / "t" / "s"), "num_iters": 6, "iter_size": 2, "batch_size": 2})
-    assert ref.returncode == 0, ref.stderr
+    reference, _ = shared_runs["multigpu_reference"]  # torchrun: 2 processes, 6 iterations, iter_size 2, batch 2
     returned = torch.load(tmp_path / "weights.pt", weights_only=True)
-    for k, v in final(str(tmp_path / "t" / "s"))["model"].items():
+    for k, v in final(str(reference / "s"))["model"].items():
         assert torch.equal(returned[k], v), k
 
 

@@ -114,10 +114,11 @@ pytestmark = pytest.mark.slow
 
 
 def cli(*args, timeout=120, **popen):
+    """``python -m pixelz_dist.train`` without the end-of-training curves (matplotlib: ~0.7 s of CPU per run)."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "pixelz_dist.train", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, **popen)
+    return subprocess.run([sys.executable, "-m", "pixelz_dist.train", "--no-curves", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def image_folders(root, n=24, bad=None, empty=None):
@@ -198,7 +199,7 @@ def worker_cli(tmp_path, name, *extra, delay=0.05):
     """The demo network on slow demo files with 2 workers, 40 iterations, a snapshot every 2, in the background."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", "--model", MODEL, "--dataset",
+    return subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", "--no-curves", "--model", MODEL, "--dataset",
                              "slow_data:make", "--dataset-arg", f"root={str(tmp_path / 'd')!r}", "--dataset-arg",
                              f"delay={delay}", "--iters", "40", "--workers", "2", "--batch-size", "2",
                              "--display-iter", "2", "--snapshot-interval", "2", "--snapshot-prefix",
@@ -350,7 +351,7 @@ def test_a_new_demo_run_sets_the_last_ones_snapshots_aside(tmp_path):
 
 def test_a_second_run_into_the_same_prefix_is_refused_and_a_killed_one_leaves_no_stuck_lock(tmp_path):
     prefix = str(tmp_path / "s")
-    first = subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", "--model", MODEL,
+    first = subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", "--no-curves", "--model", MODEL,
                               "--dataset", "slow_data:make", "--dataset-arg", f"root={str(tmp_path / 'd')!r}",
                               "--dataset-arg", "delay=0.05", "--iters", "100000", "--workers", "0",
                               "--snapshot-prefix", prefix], cwd=os.path.join(TESTS, "jobs"),
@@ -519,7 +520,7 @@ def test_a_full_disk_keeps_the_last_good_snapshot_and_says_which(small_disk):
 def slow_cli(tmp_path, delay, workers=2):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", "--model", MODEL, "--dataset",
+    return subprocess.Popen([sys.executable, "-m", "pixelz_dist.train", "--no-curves", "--model", MODEL, "--dataset",
                              "slow_data:make", "--dataset-arg", f"root={str(tmp_path / 'd')!r}", "--dataset-arg",
                              f"delay={delay}", "--iters", "100000", "--workers", str(workers), "--batch-size", "2",
                              "--display-iter", "2", "--snapshot-prefix", str(tmp_path / "s")],

@@ -32,7 +32,8 @@ def test_every_script_is_shellcheck_clean_and_documented():
     for script in SCRIPTS:
         text = open(script).read()
         assert text.startswith("#!/usr/bin/env bash\n#"), script  # a header comment says how to use it
-        if not script.endswith(("slurm_common.sh", "torchrun_signals.sh", "shared_munge.sh")):  # sourced: the sourcer sets options
+        sourced = ("slurm_common.sh", "torchrun_signals.sh", "shared_munge.sh")  # the sourcer sets the options
+        if not script.endswith(sourced):
             assert "set -euo pipefail" in text, script
     if shutil.which("shellcheck") is None:
         if os.environ.get("PIXELZ_REQUIRE_SHELLCHECK") == "1":  # set by .ci/run in CI, which installs it
@@ -47,7 +48,8 @@ def run_script(name, tmp_path, **env):
     environ.update(PYTHON=sys.executable, NPROC="2", OMP_NUM_THREADS="1", **env)
     prefix = str(tmp_path / "snap")
     proc = subprocess.run([os.path.join(LAUNCH, name), "--demo", "--demo-dir", str(tmp_path / "demo"),
-                           "--demo-samples", "32", "--iters", "4", "--workers", "0", "--snapshot-prefix", prefix],
+                           "--demo-samples", "32", "--iters", "4", "--workers", "0", "--snapshot-prefix", prefix,
+                           "--no-curves"],
                           env=environ, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "2 processes" in proc.stderr
@@ -98,7 +100,8 @@ def test_torchrun_script_forwards_sigusr2_to_the_trainers(tmp_path):
     with open(log, "w") as out:  # a file, not a pipe: orphaned trainers (the bug) would hold a pipe open
         proc = subprocess.Popen([os.path.join(LAUNCH, "torchrun_single_node.sh"), "--demo", "--demo-dir",
                                  str(tmp_path / "demo"), "--demo-samples", "32", "--iters", "100000", "--workers",
-                                 "0", "--batch-size", "2", "--display-iter", "5", "--snapshot-prefix", prefix],
+                                 "0", "--batch-size", "2", "--display-iter", "5", "--snapshot-prefix", prefix,
+                                 "--no-curves"],
                                 env=environ, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120

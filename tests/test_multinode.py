@@ -32,7 +32,8 @@ NODES = ("node1", "node2")
 # The demo network on the demo's files, each sample `delay` s slower (tests/jobs/slow_data.py), so that a run lasts
 # long enough to be killed, cut off or signalled mid-epoch: 16 samples, global batch 8, 2 iterations per epoch.
 SLOW = ["--model", "pixelz_dist.demo:TinySegNet", "--dataset", "slow_data:make", "--batch-size", "4", "--seed", "5",
-        "--optimizer", "adamw", "--lr", "0.003", "--scheduler", "cosine", "--snapshot-interval", "1"]
+        "--optimizer", "adamw", "--lr", "0.003", "--scheduler", "cosine", "--snapshot-interval", "1",
+        "--no-curves"]  # no matplotlib at the end of each run: ~0.7 s of CPU that proves nothing here
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multinode]
 

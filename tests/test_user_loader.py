@@ -233,33 +233,45 @@ def records(out, rank, name="") -> list:
     return found["seen"] if isinstance(found, dict) else found
 
 
-@pytest.fixture(scope="module", params=["stream", "map"])
-def split_run(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
     """12 iterations of 2 ranks (8 batches of 1 record per rank and epoch): straight, and killed at iteration 6 (its
     last snapshot: 4, mid-epoch) then resumed with 'auto'. ``stream``: torchdata's StatefulDataLoader over an
     IterableDataset whose state is an offset into this rank's file; ``map``: torch's DataLoader, a DistributedSampler
-    and a batch sampler whose generator is seeded per rank (the replay path)."""
-    root = tmp_path_factory.mktemp(request.param)
-    runs = {name: root / name for name in ("straight", "killed", "resumed")}
-    for folder in runs.values():
-        folder.mkdir()
-    cfg = {"data": request.param, "num_iters": 12, "interval": 4}
-    more = {}
-    if request.param == "map":  # the same processes then train DataLoader(sampler=DistributedSampler): see below
-        more = {"runs": [{}, *sampler_runs(root / "sampler")]}
-    straight = loader_job({**cfg, "prefix": str(runs["straight"] / "s"), "out": str(runs["straight"]), **more})
+    and a batch sampler whose generator is seeded per rank (the replay path). Both kinds' straight runs share one
+    torchrun job, and their resumed runs another (``runs``: one after the other in the same processes): 4 jobs, not
+    6. ``{data: (data, {"straight" | "killed" | "resumed": folder}, prefix)}``."""
+    root = tmp_path_factory.mktemp("split")
+    found = {}
+    for data in ("stream", "map"):
+        runs = {name: root / data / name for name in ("straight", "killed", "resumed")}
+        for folder in runs.values():
+            folder.mkdir(parents=True)
+        found[data] = (data, runs, str(root / data / "s"))
+    cfg = {"num_iters": 12, "interval": 4}
+    # the same processes then train DataLoader(sampler=DistributedSampler): see sampler_runs
+    straight = loader_job({**cfg, "runs": [*({"data": data, "prefix": str(runs["straight"] / "s"),
+                                              "out": str(runs["straight"])} for data, runs, _ in found.values()),
+                                           *sampler_runs(root / "map" / "sampler")]})
     assert straight.returncode == 0, straight.stderr
-    prefix = str(root / "s")
-    killed = loader_job({**cfg, "prefix": prefix, "out": str(runs["killed"]), "kill_at": 6})
-    assert killed.returncode != 0 and [it for it, _ in list_snapshots(prefix)] == [4], killed.stderr
-    resumed = loader_job({**cfg, "prefix": prefix, "out": str(runs["resumed"]), "resume": "auto"})
+    for data, runs, prefix in found.values():  # SIGKILLed: a job each
+        killed = loader_job({**cfg, "data": data, "prefix": prefix, "out": str(runs["killed"]), "kill_at": 6})
+        assert killed.returncode != 0 and [it for it, _ in list_snapshots(prefix)] == [4], killed.stderr
+    resumed = loader_job({**cfg, "runs": [{"data": data, "prefix": prefix, "out": str(runs["resumed"]),
+                                           "resume": "auto"} for data, runs, prefix in found.values()]})
     assert resumed.returncode == 0, resumed.stderr
-    return request.param, runs, prefix
+    return found
+
+
+@pytest.fixture(scope="module", params=["stream", "map"])
+def split_run(request, split_runs):
+    """One kind's runs (see split_runs)."""
+    return split_runs[request.param]
 
 
 def sampler_runs(folder) -> list[dict]:
     """Runs of loader_job's "sampler" data (8 records per rank and epoch, batch 1): 12 iterations straight; 6 (a final
-    snapshot mid-epoch); resumed from it to 12. Carried by split_run's "map" job: no torchrun start of their own (a
+    snapshot mid-epoch); resumed from it to 12. Carried by split_runs' straight job: no torchrun start of their own (a
     resume in the same processes starts from the same state as in new ones: the job seeds each run alike)."""
     folder.mkdir()
     base = {"data": "sampler", "out": str(folder), "interval": None}

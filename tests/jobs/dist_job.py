@@ -9,7 +9,9 @@ user_group (create the process group before train_model), repeat (train_model ca
 hang_rank / hang_at (that rank sleeps for a minute there), timeout (dist_timeout),
 y_scale (of the targets), train_kwargs (more train_model keyword arguments), display_iter (default 2),
 count_collectives (record, per iteration, the blocking and the asynchronous torch.distributed.all_reduce calls),
-stop_rank / stop_at / stop_on_every_rank (a callback requests a stop there: on that rank, or on every rank).
+stop_rank / stop_at / stop_on_every_rank (a callback requests a stop there: on that rank, or on every rank),
+runs (a list of configs that update this one, each trained in turn, from a fresh model, in the same processes: the
+tests of several facts share one job's start-up).
 Each rank's record (out/rank<RANK>.json) holds the flat EMA weights (train_kwargs ema=DECAY; [] without).
 """
 
@@ -116,6 +118,11 @@ class Probe(Callback):
 
 def main():
     cfg = json.loads(sys.argv[1])
+    for one in cfg.pop("runs", None) or [{}]:  # several jobs' worth in one: torch is imported once (~10 s of CPU)
+        train_one({**cfg, **one})
+
+
+def train_one(cfg):
     torch.set_num_threads(1)
     torch.manual_seed(1234)
     rank = int(os.environ.get("RANK", "0"))
