@@ -1,3 +1,3 @@
 """The one version string: the package metadata reads it from here (pyproject.toml, ``[tool.setuptools.dynamic]``)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
