@@ -1,7 +1,7 @@
 """The failure table: ordinary mistakes and faults end in seconds, with one line that says what is wrong, and lose
 nothing. Real processes, real image files, real signals where the row is about a process (an exit code, a signal, a
 torchrun job); in-process ``train_model`` calls where the row is about the exception. Some rows are tested in the
-module that owns the behaviour. Where each row of the README's "When things go wrong" table is tested
+module that owns the behaviour. Where each row of the the "When things go wrong" table (docs/explanation/failure-modes.md) is tested
 (P: a real process -- the CLI, a job script or torchrun; I: in-process; T: under torchrun):
 
 - an image cannot be read or decoded (corrupt, empty, deleted mid-run, in workers): here,

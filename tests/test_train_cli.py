@@ -31,7 +31,7 @@ def train(*args, timeout=180):
 
 
 def test_the_demo_snapshots_by_itself_and_resumes_after_kill_9(tmp_path):
-    """The README's promise: kill -9 the demo, start it again with --resume auto, and it continues where the last
+    """The docs' promise (docs/how-to/resume.md): kill -9 the demo, start it again with --resume auto, and it continues where the last
     snapshot was taken. With no snapshot option at all: the demo's own prefix and interval (every epoch), and the 3
     newest kept (--keep-last's default)."""
     demo = str(tmp_path / "demo")

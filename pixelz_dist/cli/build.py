@@ -91,7 +91,7 @@ def folder_dataset(opts: Namespace, folders: list[str], *, augment: bool = False
             how = ("crop-aware decoding: the crop is drawn from the file sizes, then only its pixels are decoded "
                    "(cached images: its rows)" if dataset.region_decoding else "crop-aware decoding: the crop is "
                    "drawn from the file sizes, cached images read by rows; JPEGs decoded whole (the JPEG region "
-                   "decoder is not built, see the README)")
+                   "decoder is not built, see docs/how-to/fast-data.md)")
         elif opts.crop is not None and opts.scale_range is not None:
             how = "whole images decoded: the random rescale before the crop needs every pixel"
         elif opts.crop is not None:

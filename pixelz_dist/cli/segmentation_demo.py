@@ -2,7 +2,7 @@
 
 The built-in ``--demo`` trains a binary mask from an in-memory dataset class; a segmentation team's data is two
 parallel folders (photos, label maps whose pixel values are class indices) read through ``--data ... --modes RGB
-label``. This writes exactly that, so the README's walkthrough runs as written on any machine:
+label``. This writes exactly that, so the tutorial (docs/tutorial.md) runs as written on any machine:
 
     python -m pixelz_dist.make_demo demo_seg        # demo_seg/{train,val}/{images,labels}
 

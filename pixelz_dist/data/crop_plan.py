@@ -10,7 +10,8 @@ DataLoader workers both hold. Anything else at the head of the transform is not 
 images, as before).
 
 Optionally (``scaling=True``) a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size in libjpeg's DCT domain when the
-crop is at least that many times larger than the output: much faster, but not bit-identical (see the README).
+crop is at least that many times larger than the output: much faster, but not bit-identical (see
+docs/how-to/fast-data.md).
 """
 
 from __future__ import annotations

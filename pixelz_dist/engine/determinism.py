@@ -59,8 +59,8 @@ def deterministic_mode(enabled: bool):
                 f"deterministic=True, but the model runs {op}, which has no deterministic implementation on this "
                 "device. HINT: replace it (for upsampling on a GPU, mode='nearest' or a transposed convolution; "
                 "for scatter/index_add, a sort-based formulation), or train without deterministic=True "
-                "(--deterministic): the run then resumes exactly on the CPU only, see the README's 'What resume "
-                "guarantees'") from e
+                "(--deterministic): the run then resumes exactly on the CPU only, see "
+                "docs/explanation/exact-resume.md") from e
         raise
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])

@@ -61,9 +61,9 @@ def train_model(model, optimizer, scheduler, dataset, batch_size, shuffle=False,
             ``ReduceLROnPlateau`` is stepped with the mean training loss of that epoch / iteration.
         dataset: a map-style dataset (``__len__`` and ``__getitem__``), or a ``DataLoader`` you built (then you own
             sampling: ``batch_size`` must be None or the loader's, and shuffle / num_workers / collate_fn /
-            drop_last / seed_data stay at their defaults; see the README for what resumes exactly). Under torchrun
-            its processes may yield different numbers of batches: each epoch ends on all of them when the first
-            runs out (one log line says how many each had left).
+            drop_last / seed_data stay at their defaults; see docs/how-to/own-dataloader.md for what resumes
+            exactly). Under torchrun its processes may yield different numbers of batches: each epoch ends on all
+            of them when the first runs out (one log line says how many each had left).
         batch_size: samples per micro-batch.
         shuffle: a new permutation each epoch, a pure function of (seed, epoch).
         snapshot_prefix: snapshots are written to ``{snapshot_prefix}_iter_{N}.pt``; metrics to
