@@ -1,8 +1,8 @@
 """The failure table: ordinary mistakes and faults end in seconds, with one line that says what is wrong, and lose
 nothing. Real processes, real image files, real signals where the row is about a process (an exit code, a signal, a
 torchrun job); in-process ``train_model`` calls where the row is about the exception. Some rows are tested in the
-module that owns the behaviour. Where each row of the the "When things go wrong" table (docs/explanation/failure-modes.md) is tested
-(P: a real process -- the CLI, a job script or torchrun; I: in-process; T: under torchrun):
+module that owns the behaviour. Where each row of the "When things go wrong" table (docs/explanation/failure-modes.md)
+is tested (P: a real process -- the CLI, a job script or torchrun; I: in-process; T: under torchrun):
 
 - an image cannot be read or decoded (corrupt, empty, deleted mid-run, in workers): here,
   test_a_corrupt_jpeg_read_by_a_worker_exits_2_in_seconds_with_one_line (P),

@@ -55,8 +55,9 @@ def straight_run(demo_root, tmp_path_factory):
     """The uninterrupted run of a setting, made once: ``straight_run(**settings)`` is its snapshot prefix.
 
     The cases that differ only in their DataLoader workers share it: 0, 1 or 2 workers give identical weights (the
-    promise of docs/explanation/exact-resume.md), so the first case of a setting is compared with its own run and the other with a run of
-    another number of workers (0 -> 2 for SGD, 2 -> 0 for AdamW), which a difference between them also fails.
+    promise of docs/explanation/exact-resume.md), so the first case of a setting is compared with its own run and
+    the other with a run of another number of workers (0 -> 2 for SGD, 2 -> 0 for AdamW), which a difference between
+    them also fails.
     """
     made = {}
 
