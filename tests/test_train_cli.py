@@ -32,8 +32,8 @@ def train(*args, timeout=180):
 
 def test_the_demo_snapshots_by_itself_and_resumes_after_kill_9(tmp_path):
     """The docs' promise (docs/how-to/resume.md): kill -9 the demo, start it again with --resume auto, and it
-    continues where the last snapshot was taken. With no snapshot option at all: the demo's own prefix and interval (every epoch), and the 3
-    newest kept (--keep-last's default)."""
+    continues where the last snapshot was taken. With no snapshot option at all: the demo's own prefix and interval
+    (every epoch), and the 3 newest kept (--keep-last's default)."""
     demo = str(tmp_path / "demo")
     prefix = os.path.join(demo, "snapshots", "demo")  # the demo's default prefix
     args = ["--demo", "--demo-dir", demo, "--demo-samples", "16", "--batch-size", "2", "--iter-size", "2",
