@@ -227,10 +227,12 @@ def test_cli_refuses_bad_values_before_building_anything(args, message, capsys):
 
 
 def test_cli_passes_the_schedule_and_ema_options_to_train_model():
-    from pixelz_dist.cli.options import parse, schedule_and_ema_options
+    from pixelz_dist.cli.checks import train_model_keywords
+    from pixelz_dist.cli.options import parse
 
     opts = parse("train", ["--demo", "--ema", "0.99", "--ema-buffers", "copy", "--warmup-iters", "7",
                            "--no-decay-norm-bias"])
-    assert schedule_and_ema_options(opts) == {"warmup_iters": 7, "warmup_factor": 0.001, "ema": 0.99,
-                                              "ema_buffers": "copy"}
+    passed = train_model_keywords(vars(opts))  # what train.main hands train_model
+    assert {k: passed[k] for k in ("warmup_iters", "warmup_factor", "ema", "ema_buffers")} == {
+        "warmup_iters": 7, "warmup_factor": 0.001, "ema": 0.99, "ema_buffers": "copy"}
     assert opts.no_decay_norm_bias is True and parse("train", ["--demo"]).no_decay_norm_bias is False

@@ -149,10 +149,9 @@ def _check_as_train_model(v: dict) -> None:
 def _check_as_find_lr(v: dict) -> None:
     """The finder's own check of its arguments, now (see :func:`_check_as_train_model`)."""
     from ..lr_finder.search import _check_args
+    from .passthrough import FIND_LR_ARGUMENTS
 
-    names = {k: _flag(k) for k in ("min_lr", "max_lr", "iter_per_run", "num_runs", "num_iters", "divergence_factor",
-                                   "method")}
-    names["load_snapshot_path"] = "--resume"
+    names = {keyword: flag for flag, keyword in FIND_LR_ARGUMENTS}
     try:
         _check_args(v["method"], v["min_lr"], v["max_lr"], v["iter_per_run"], v["num_runs"], v["num_iters"],
                     v["divergence_factor"], None, v["resume"], {})

@@ -35,7 +35,6 @@ from .passthrough import (  # noqa: F401 (re-exported: the entry points read the
     TRAIN_MODEL_ARGUMENTS,
     TRAIN_MODEL_OPTIONS,
     keywords,
-    schedule_and_ema_options,
     step_options,
 )
 

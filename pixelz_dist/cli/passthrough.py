@@ -127,11 +127,6 @@ def keywords(opts: argparse.Namespace, table) -> dict:
     return {row[1]: getattr(opts, dest(row[0])) for row in table}
 
 
-def schedule_and_ema_options(opts: argparse.Namespace) -> dict:
-    """The :data:`SCHEDULE_OPTIONS` and :data:`EMA_OPTIONS` as train_model keywords (training only)."""
-    return keywords(opts, SCHEDULE_OPTIONS + EMA_OPTIONS)
-
-
 def step_options(opts: argparse.Namespace) -> dict:
     """The :data:`STEP_OPTIONS` as train_model keywords."""
     return keywords(opts, STEP_OPTIONS)
