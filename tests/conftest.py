@@ -46,9 +46,9 @@ def run_job(script: str, *args: str, timeout: float = 240) -> subprocess.Complet
 
 # Files that take longest (about 1-4 minutes each on 2 cores), started first so that with pytest-xdist (one whole file
 # per worker) no long file begins while the other worker is already idle at the end. Every other file keeps its place.
-# NOTE: pytest-xdist 3.8 hands out the files with the most tests first unless --no-loadscope-reorder is given, so today
-# this order holds within a run of -n 0 only. That option is not on yet: with it, test_multinode.py and test_slurm.py
-# run at the same time, and each local cluster's stop.sh stops the munged it started even while the other uses it.
+# pyproject's addopts pass --no-loadscope-reorder: without it pytest-xdist 3.8 hands out the files with the most tests
+# first and ignores this order. test_multinode.py and test_slurm.py may then run side by side: their clusters share one
+# munged (launch/shared_munge.sh).
 LONGEST_FIRST = ("test_distributed.py", "test_failures.py", "test_multinode.py", "test_slurm.py", "test_resume.py",
                  "test_user_loader.py", "test_listing_once.py", "test_launch.py", "test_async_snapshots.py",
                  "test_resume_refusals.py", "test_uneven.py", "test_train_cli.py")
